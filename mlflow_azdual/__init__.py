@@ -1,0 +1,1 @@
+"""MLflow plugin that mirrors every write from Databricks to Azure Machine Learning."""

@@ -1,0 +1,112 @@
+"""Differences between the MLflow versions the plugin supports (2.9 to 3.x), in one place.
+
+Every call into an MLflow internal whose name or signature changed between versions goes
+through this module. MLflow internals are imported inside functions: a module-level import of
+MLflow's store registries from the plugin's entry-point modules is circular during
+``import mlflow``, which makes MLflow skip the plugin with only a UserWarning.
+"""
+
+import functools
+import inspect
+from importlib import metadata
+
+from packaging.version import Version
+
+
+@functools.lru_cache(maxsize=None)
+def mlflow_version() -> Version:
+    """Return the installed MLflow version (``mlflow`` or ``mlflow-skinny``)."""
+    for distribution in ("mlflow", "mlflow-skinny"):
+        try:
+            return Version(metadata.version(distribution))
+        except metadata.PackageNotFoundError:
+            continue
+    import mlflow
+
+    return Version(mlflow.__version__)
+
+
+def build_tracking_store(uri: str):
+    """Build the tracking store for ``uri`` through MLflow's registry, outside its build lock.
+
+    ``_get_store`` holds a non-re-entrant module lock on MLflow 2.22+, and the dual store is
+    itself built under that lock, so sub-stores come straight from the registered builder.
+    """
+    from mlflow.tracking._tracking_service.utils import _tracking_store_registry
+
+    builder = _tracking_store_registry.get_store_builder(uri)
+    return builder(store_uri=uri, artifact_uri=None)
+
+
+def build_registry_store(uri: str, tracking_uri: str):
+    """Build the model registry store for ``uri`` through MLflow's registry."""
+    from mlflow.tracking._model_registry import utils
+
+    if hasattr(utils, "_get_store_registry"):
+        registry = utils._get_store_registry()
+    else:  # MLflow 2.x builds the registry at import time.
+        registry = utils._model_registry_store_registry
+    builder = registry.get_store_builder(uri)
+    parameters = _parameter_names(builder)
+    if "tracking_uri" in parameters or "kwargs" in parameters:
+        return builder(store_uri=uri, tracking_uri=tracking_uri)
+    return builder(store_uri=uri)
+
+
+def build_artifact_repository(artifact_uri: str, tracking_uri=None, registry_uri=None):
+    """Build the artifact repository for ``artifact_uri``, passing the URIs the version takes.
+
+    ``tracking_uri=`` was added to MLflow's repository registry in 3.2, ``registry_uri=`` in 3.5.
+    """
+    from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
+
+    parameters = _parameter_names(get_artifact_repository)
+    keywords = {}
+    if "tracking_uri" in parameters and tracking_uri is not None:
+        keywords["tracking_uri"] = tracking_uri
+    if "registry_uri" in parameters and registry_uri is not None:
+        keywords["registry_uri"] = registry_uri
+    return get_artifact_repository(artifact_uri, **keywords)
+
+
+def artifact_repository_base_init(repository, artifact_uri, tracking_uri=None, registry_uri=None):
+    """Call ``ArtifactRepository.__init__`` with the arguments this MLflow version accepts."""
+    from mlflow.store.artifact.artifact_repo import ArtifactRepository
+
+    parameters = _parameter_names(ArtifactRepository.__init__)
+    keywords = {}
+    if "tracking_uri" in parameters:
+        keywords["tracking_uri"] = tracking_uri
+    if "registry_uri" in parameters:
+        keywords["registry_uri"] = registry_uri
+    ArtifactRepository.__init__(repository, artifact_uri, **keywords)
+
+
+def add_databricks_profile(artifact_uri: str, tracking_uri: str) -> str:
+    """Return a ``dbfs:/`` artifact URI carrying the profile of a ``databricks://`` tracking URI.
+
+    Databricks artifact repositories otherwise look up credentials through the active tracking
+    URI, which is the azdual URI.
+    """
+    if not artifact_uri.startswith("dbfs:") or not tracking_uri.startswith("databricks"):
+        return artifact_uri
+    from mlflow.utils.uri import add_databricks_profile_info_to_artifact_uri
+
+    return add_databricks_profile_info_to_artifact_uri(artifact_uri, tracking_uri)
+
+
+@functools.lru_cache(maxsize=None)
+def _parameter_names(function) -> frozenset:
+    try:
+        return frozenset(inspect.signature(function).parameters)
+    except (TypeError, ValueError):
+        return frozenset()
+
+
+def public_methods(cls) -> set:
+    """Return the names of the public callables that ``cls`` defines or inherits."""
+    return {
+        name
+        for name, value in inspect.getmembers(cls)
+        if callable(value) and not name.startswith("_")
+    }

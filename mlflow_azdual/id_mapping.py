@@ -1,0 +1,295 @@
+"""Map primary ids (experiments, runs, logged models) to the secondary's own ids.
+
+Each backend creates its own ids. The mapping is stored as tags on both sides (the primary
+object carries the secondary id, the secondary object carries the primary id), so any process
+can recover it, and cached in memory. A primary run without a mirror, created before the plugin
+was in use, is copied to the secondary on first lookup (params, tags, metric histories,
+status). Lookups are serialised by one lock, so one process never creates two mirrors.
+"""
+
+import dataclasses
+import logging
+import threading
+from typing import Optional
+
+from mlflow_azdual.experiment_names import disambiguate, secondary_experiment_name
+
+_logger = logging.getLogger(__name__)
+
+TAG_PREFIX = "azdual."
+# On primary objects: the id of the mirror on the secondary.
+SECONDARY_EXPERIMENT_ID_TAG = "azdual.secondary_experiment_id"
+SECONDARY_RUN_ID_TAG = "azdual.secondary_run_id"
+SECONDARY_MODEL_ID_TAG = "azdual.secondary_model_id"
+# On secondary objects: the id (and for experiments the name) of the primary original.
+PRIMARY_EXPERIMENT_ID_TAG = "azdual.primary_experiment_id"
+PRIMARY_EXPERIMENT_NAME_TAG = "azdual.primary_experiment_name"
+PRIMARY_RUN_ID_TAG = "azdual.primary_run_id"
+PRIMARY_MODEL_ID_TAG = "azdual.primary_model_id"
+
+PARENT_RUN_ID_TAG = "mlflow.parentRunId"
+
+# MLflow REST limits of one log_batch request.
+_MAX_BATCH_METRICS = 1000
+_MAX_BATCH_PARAMS = 100
+_MAX_BATCH_TAGS = 100
+
+
+@dataclasses.dataclass(frozen=True)
+class SecondaryRun:
+    """The mirror of a primary run: its secondary id and artifact URI."""
+
+    run_id: str
+    artifact_uri: str
+    backfilled: bool = False
+
+
+class IdMapping:
+    """Resolves and caches secondary ids for primary experiments, runs and logged models."""
+
+    def __init__(self, primary, secondary, experiment_name_template: str = "{leaf}"):
+        self._primary = primary
+        self._secondary = secondary
+        self._template = experiment_name_template
+        self._lock = threading.RLock()
+        self._experiments = {}
+        self._runs = {}
+        self._models = {}
+
+    # Experiments
+
+    def secondary_experiment_id(self, primary_experiment_id: str) -> str:
+        """Return the secondary id of a primary experiment, creating the mirror if needed."""
+        with self._lock:
+            cached = self._experiments.get(primary_experiment_id)
+            if cached is not None:
+                return cached
+            secondary_id = self._resolve_experiment(primary_experiment_id)
+            self._experiments[primary_experiment_id] = secondary_id
+            return secondary_id
+
+    def cached_secondary_experiment_id(self, primary_experiment_id: str) -> Optional[str]:
+        return self._experiments.get(primary_experiment_id)
+
+    def forget_experiment(self, primary_experiment_id: str) -> None:
+        with self._lock:
+            self._experiments.pop(primary_experiment_id, None)
+
+    def _resolve_experiment(self, primary_id: str) -> str:
+        primary_experiment = self._primary.get_experiment(primary_id)
+        tags = primary_experiment.tags or {}
+
+        recorded_id = tags.get(SECONDARY_EXPERIMENT_ID_TAG)
+        if recorded_id and self._secondary_experiment_matches(recorded_id, primary_id):
+            return recorded_id
+
+        secondary_id = self._find_or_create_experiment(primary_experiment)
+        if recorded_id != secondary_id:
+            from mlflow.entities import ExperimentTag
+
+            self._primary.set_experiment_tag(
+                primary_id, ExperimentTag(SECONDARY_EXPERIMENT_ID_TAG, secondary_id)
+            )
+        return secondary_id
+
+    def _secondary_experiment_matches(self, secondary_id: str, primary_id: str) -> bool:
+        from mlflow.exceptions import MlflowException
+
+        try:
+            experiment = self._secondary.get_experiment(secondary_id)
+        except MlflowException:
+            return False
+        return (experiment.tags or {}).get(PRIMARY_EXPERIMENT_ID_TAG) == primary_id
+
+    def _find_or_create_experiment(self, primary_experiment) -> str:
+        from mlflow.entities import ExperimentTag
+        from mlflow.exceptions import MlflowException
+
+        primary_id = primary_experiment.experiment_id
+        primary_name = primary_experiment.name
+        name = secondary_experiment_name(primary_name, self._template)
+        own_tags = [
+            ExperimentTag(PRIMARY_EXPERIMENT_ID_TAG, primary_id),
+            ExperimentTag(PRIMARY_EXPERIMENT_NAME_TAG, primary_name),
+        ]
+
+        for candidate in (name, disambiguate(name, primary_name)):
+            existing = self._secondary.get_experiment_by_name(candidate)
+            if existing is None:
+                user_tags = [
+                    ExperimentTag(key, value)
+                    for key, value in (primary_experiment.tags or {}).items()
+                    if not key.startswith(TAG_PREFIX)
+                ]
+                try:
+                    return self._secondary.create_experiment(candidate, None, user_tags + own_tags)
+                except MlflowException:
+                    # Another process may have created it in the meantime.
+                    existing = self._secondary.get_experiment_by_name(candidate)
+                    if existing is None:
+                        raise
+            owner = (existing.tags or {}).get(PRIMARY_EXPERIMENT_ID_TAG)
+            if owner == primary_id:
+                return existing.experiment_id
+            if owner is None and existing.lifecycle_stage == "active":
+                # An experiment made on the secondary by hand (or its Default) is adopted.
+                for tag in own_tags:
+                    self._secondary.set_experiment_tag(existing.experiment_id, tag)
+                return existing.experiment_id
+            _logger.info(
+                "mlflow-azdual: secondary experiment name %r is taken by another primary "
+                "experiment; trying the next name", candidate,
+            )
+        raise RuntimeError(
+            f"no free secondary experiment name for primary experiment {primary_name!r}: "
+            f"{name!r} and its hashed variant are taken"
+        )
+
+    # Runs
+
+    def cached_secondary_run(self, primary_run_id: str) -> Optional[SecondaryRun]:
+        return self._runs.get(primary_run_id)
+
+    def remember_run(self, primary_run_id: str, secondary_run: SecondaryRun) -> None:
+        with self._lock:
+            self._runs[primary_run_id] = secondary_run
+
+    def secondary_run(self, primary_run_id: str) -> SecondaryRun:
+        """Return the mirror of a primary run, copying the run over if it has none yet.
+
+        The result has ``backfilled=True`` only when this call copied the run: the copy was
+        read from the primary after the caller's primary write, so the caller must not send
+        that write to the secondary again.
+        """
+        with self._lock:
+            cached = self._runs.get(primary_run_id)
+            if cached is not None:
+                return cached
+            secondary_run = self._resolve_run(primary_run_id)
+            self._runs[primary_run_id] = dataclasses.replace(secondary_run, backfilled=False)
+            return secondary_run
+
+    def secondary_run_id(self, primary_run_id: str) -> str:
+        return self.secondary_run(primary_run_id).run_id
+
+    def translate_run_tags(self, tags):
+        """Return ``tags`` with ``mlflow.parentRunId`` pointing at the secondary parent."""
+        from mlflow.entities import RunTag
+
+        translated = []
+        for tag in tags or []:
+            if tag.key == PARENT_RUN_ID_TAG and tag.value:
+                tag = RunTag(tag.key, self.secondary_run_id(tag.value))
+            translated.append(tag)
+        return translated
+
+    def _resolve_run(self, primary_id: str) -> SecondaryRun:
+        from mlflow.entities import RunTag, ViewType
+        from mlflow.exceptions import MlflowException
+
+        primary_run = self._primary.get_run(primary_id)
+        recorded_id = primary_run.data.tags.get(SECONDARY_RUN_ID_TAG)
+        if recorded_id:
+            try:
+                candidate = self._secondary.get_run(recorded_id)
+            except MlflowException:
+                candidate = None
+            if candidate is not None and candidate.data.tags.get(PRIMARY_RUN_ID_TAG) == primary_id:
+                return SecondaryRun(candidate.info.run_id, candidate.info.artifact_uri)
+
+        experiment_id = self.secondary_experiment_id(primary_run.info.experiment_id)
+        found = self._secondary.search_runs(
+            [experiment_id],
+            f"tags.`{PRIMARY_RUN_ID_TAG}` = '{primary_id}'",
+            ViewType.ALL,
+            max_results=1,
+        )
+        if found:
+            mirror = SecondaryRun(found[0].info.run_id, found[0].info.artifact_uri)
+        else:
+            mirror = self._copy_run(primary_run, experiment_id)
+
+        self._primary.set_tag(primary_id, RunTag(SECONDARY_RUN_ID_TAG, mirror.run_id))
+        return mirror
+
+    def create_secondary_run(self, primary_run, experiment_id, user_id, start_time, tags, run_name):
+        """Create the mirror of a just-created primary run and record the mapping."""
+        from mlflow.entities import RunTag
+
+        secondary_experiment_id = self.secondary_experiment_id(experiment_id)
+        own_tags = [RunTag(PRIMARY_RUN_ID_TAG, primary_run.info.run_id)]
+        created = self._secondary.create_run(
+            secondary_experiment_id,
+            user_id,
+            start_time,
+            self.translate_run_tags(_without_own_tags(tags)) + own_tags,
+            # The primary names an unnamed run; the mirror must not get a name of its own.
+            primary_run.info.run_name or run_name,
+        )
+        mirror = SecondaryRun(created.info.run_id, created.info.artifact_uri)
+        self.remember_run(primary_run.info.run_id, mirror)
+        self._primary.set_tag(primary_run.info.run_id, RunTag(SECONDARY_RUN_ID_TAG, mirror.run_id))
+        return mirror
+
+    def _copy_run(self, primary_run, secondary_experiment_id: str) -> SecondaryRun:
+        from mlflow.entities import Metric, Param, RunTag
+
+        info = primary_run.info
+        _logger.info(
+            "mlflow-azdual: primary run %s has no mirror yet; copying it to the secondary",
+            info.run_id,
+        )
+        user_tags = [
+            RunTag(key, value)
+            for key, value in primary_run.data.tags.items()
+            if not key.startswith(TAG_PREFIX)
+        ]
+        created = self._secondary.create_run(
+            secondary_experiment_id,
+            info.user_id,
+            info.start_time,
+            self.translate_run_tags(user_tags) + [RunTag(PRIMARY_RUN_ID_TAG, info.run_id)],
+            info.run_name,
+        )
+        secondary_id = created.info.run_id
+
+        params = [Param(key, value) for key, value in primary_run.data.params.items()]
+        for start in range(0, len(params), _MAX_BATCH_PARAMS):
+            self._secondary.log_batch(secondary_id, [], params[start : start + _MAX_BATCH_PARAMS], [])
+        metrics = []
+        for key in primary_run.data.metrics:
+            for point in self._primary.get_metric_history(info.run_id, key):
+                metrics.append(Metric(point.key, point.value, point.timestamp, point.step))
+        for start in range(0, len(metrics), _MAX_BATCH_METRICS):
+            self._secondary.log_batch(secondary_id, metrics[start : start + _MAX_BATCH_METRICS], [], [])
+
+        if info.status != "RUNNING" or info.end_time:
+            self._secondary.update_run_info(secondary_id, info.status, info.end_time, info.run_name)
+        if info.lifecycle_stage == "deleted":
+            self._secondary.delete_run(secondary_id)
+        return SecondaryRun(secondary_id, created.info.artifact_uri, backfilled=True)
+
+    # Logged models (MLflow 3)
+
+    def cached_secondary_model_id(self, primary_model_id: str) -> Optional[str]:
+        return self._models.get(primary_model_id)
+
+    def remember_model(self, primary_model_id: str, secondary_model_id: str) -> None:
+        with self._lock:
+            self._models[primary_model_id] = secondary_model_id
+
+    def secondary_model_id(self, primary_model_id: str) -> Optional[str]:
+        """Return the secondary id of a primary logged model, or None if it has no mirror."""
+        with self._lock:
+            cached = self._models.get(primary_model_id)
+            if cached is not None:
+                return cached
+            model = self._primary.get_logged_model(primary_model_id)
+            secondary_id = (model.tags or {}).get(SECONDARY_MODEL_ID_TAG)
+            if secondary_id:
+                self._models[primary_model_id] = secondary_id
+            return secondary_id
+
+
+def _without_own_tags(tags):
+    return [tag for tag in tags or [] if not tag.key.startswith(TAG_PREFIX)]

@@ -1,0 +1,118 @@
+"""Options of the plugin: one table, read from the tracking URI's query or the environment.
+
+Every option has a URI query name, an ``MLFLOW_AZDUAL_*`` environment variable, a unit in its
+name where it has one, and a default. A query option overrides the environment. An unknown
+query option or a value of the wrong type raises ``MlflowException`` naming the option.
+"""
+
+import dataclasses
+from typing import Any, Callable, Mapping, Optional
+
+ENV_PREFIX = "MLFLOW_AZDUAL_"
+
+
+def _parse_bool(text: str) -> bool:
+    lowered = text.strip().lower()
+    if lowered in ("1", "true", "yes", "on"):
+        return True
+    if lowered in ("0", "false", "no", "off"):
+        return False
+    raise ValueError(f"expected true or false, got {text!r}")
+
+
+@dataclasses.dataclass(frozen=True)
+class Option:
+    """One setting: its query name, type, default and help text."""
+
+    name: str
+    parse: Callable[[str], Any]
+    default: Any
+    help: str
+
+    @property
+    def env_var(self) -> str:
+        return ENV_PREFIX + self.name.upper()
+
+
+OPTIONS = (
+    Option(
+        "databricks_profile",
+        str,
+        None,
+        "Databricks CLI profile of the primary in the linked-workspace URI form; the primary "
+        "becomes databricks://<profile>. Unset: the default Databricks credentials.",
+    ),
+    Option(
+        "experiment_name_template",
+        str,
+        "{leaf}",
+        "Name of the secondary experiment built from the primary experiment name. Fields: "
+        "{leaf} (last path segment), {path} (the whole path, '/' replaced by '-'), {parent} "
+        "(the segment before the leaf). The result is sanitised for Azure ML.",
+    ),
+    Option(
+        "primary_registry_uri",
+        str,
+        None,
+        "Model registry URI of the primary. Unset: the primary tracking URI (the Databricks "
+        "workspace registry for databricks://). Set databricks-uc://<profile> for Unity Catalog.",
+    ),
+    Option(
+        "secondary_registry_uri",
+        str,
+        None,
+        "Model registry URI of the secondary. Unset: the secondary tracking URI.",
+    ),
+    Option(
+        "mirror_registry",
+        _parse_bool,
+        True,
+        "Mirror registered models and model versions to the secondary registry.",
+    ),
+)
+
+OPTIONS_BY_NAME = {option.name: option for option in OPTIONS}
+
+# Query keys that select the two backends in the explicit URI form; they are not options.
+BACKEND_KEYS = ("primary", "secondary")
+
+
+def resolve_options(
+    query: Mapping[str, str], environ: Optional[Mapping[str, str]] = None
+) -> dict:
+    """Return every option's value from ``query``, then ``environ``, then its default.
+
+    Raises ValueError naming the option for an unknown key or an unparsable value, so the
+    URI parser can wrap it into an MlflowException with the URI context.
+    """
+    import os
+
+    environ = os.environ if environ is None else environ
+    unknown = sorted(set(query) - set(OPTIONS_BY_NAME) - set(BACKEND_KEYS))
+    if unknown:
+        known = ", ".join(sorted(OPTIONS_BY_NAME))
+        raise ValueError(f"unknown option(s) {', '.join(unknown)}; valid options: {known}")
+
+    values = {}
+    for option in OPTIONS:
+        if option.name in query:
+            text, source = query[option.name], f"query option {option.name}"
+        elif option.env_var in environ:
+            text, source = environ[option.env_var], f"environment variable {option.env_var}"
+        else:
+            values[option.name] = option.default
+            continue
+        try:
+            values[option.name] = option.parse(text)
+        except ValueError as error:
+            raise ValueError(f"invalid value for {source}: {error}") from None
+    return values
+
+
+def options_table_markdown() -> str:
+    """Render the option table that docs/configuration.md contains."""
+    rows = ["| URI query option | environment variable | default | meaning |", "| --- | --- | --- | --- |"]
+    for option in OPTIONS:
+        default = "unset" if option.default is None else f"`{option.default}`"
+        rows.append(f"| `{option.name}` | `{option.env_var}` | {default} | {option.help} |")
+    return "\n".join(rows)

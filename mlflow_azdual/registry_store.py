@@ -1,0 +1,350 @@
+"""The dual model registry store: registry writes go to the primary, then to the secondary.
+
+Registered models keep their name on both sides. Each backend numbers its own versions, so a
+secondary version is found through tags (``azdual.secondary_version`` on the primary version,
+``azdual.primary_version`` on the secondary one) and a cache. A version's source is translated
+to the secondary's copy of the artifacts: the secondary part of a dual artifact URI, the
+secondary run for ``runs:/``, the secondary logged model for ``models:/<model id>``. Reads go
+to the primary. A secondary failure is logged, never raised.
+"""
+
+import logging
+import threading
+import urllib.parse
+
+from mlflow.store.model_registry.abstract_store import AbstractStore
+
+from mlflow_azdual import artifact_uri as dual_uri
+from mlflow_azdual import compat, routing
+from mlflow_azdual.mirror import Mirror
+from mlflow_azdual.uri import parse_tracking_uri
+
+_logger = logging.getLogger(__name__)
+
+SECONDARY_VERSION_TAG = "azdual.secondary_version"
+PRIMARY_VERSION_TAG = "azdual.primary_version"
+
+
+def build_registry_store(store_uri, tracking_uri=None, **_):
+    """Build the dual registry store for an azdual registry URI (``mlflow.model_registry_store``)."""
+    return DualRegistryStore(store_uri, tracking_uri)
+
+
+class DualRegistryStore(AbstractStore):
+    """Model registry store that writes to two registries and reads from the primary."""
+
+    def __init__(self, store_uri, tracking_uri=None):
+        self._config = parse_tracking_uri(store_uri)
+        self.store_uri = store_uri
+        self._tracking_uri = tracking_uri if str(tracking_uri).startswith("azdual:") else store_uri
+        self._build_lock = threading.Lock()
+        self._primary = None
+        self._secondary = None
+        self._versions = {}
+        self.mirror = Mirror(self._config.secondary_registry_uri)
+        super().__init__()
+
+    @property
+    def primary(self):
+        if self._primary is None:
+            self._build_sub_stores()
+        return self._primary
+
+    @property
+    def secondary(self):
+        if self._secondary is None:
+            self._build_sub_stores()
+        return self._secondary
+
+    def _build_sub_stores(self):
+        with self._build_lock:
+            if self._primary is not None:
+                return
+            config = self._config
+            self._secondary = compat.build_registry_store(
+                config.secondary_registry_uri, config.secondary_uri
+            )
+            self._primary = compat.build_registry_store(
+                config.primary_registry_uri, config.primary_uri
+            )
+
+    @property
+    def tracking(self):
+        """The dual tracking store of the same URI, which owns the run and model id mapping."""
+        from mlflow.tracking._tracking_service.utils import _get_store
+
+        return _get_store(self._tracking_uri)
+
+    def _mirror(self, operation, write):
+        if not self._config.options["mirror_registry"]:
+            return None
+        return self.mirror.send(operation, None, write)
+
+    # Version mapping
+
+    def _secondary_version(self, name, version):
+        key = (name, str(version))
+        if key not in self._versions:
+            primary_version = self.primary.get_model_version(name, version)
+            recorded = (primary_version.tags or {}).get(SECONDARY_VERSION_TAG)
+            if recorded is None:
+                raise LookupError(
+                    f"model version {name} {version} has no mirror on the secondary registry"
+                )
+            self._versions[key] = recorded
+        return self._versions[key]
+
+    def _with_secondary_version(self, operation, name, version, write):
+        return self._mirror(operation, lambda: write(self._secondary_version(name, version)))
+
+    # Registered models
+
+    def create_registered_model(self, name, tags=None, description=None, *args, **kwargs):
+        model = self.primary.create_registered_model(name, tags, description, *args, **kwargs)
+        self._mirror(
+            "create_registered_model",
+            lambda: self._create_or_adopt_secondary_model(name, _tag_list(tags), description),
+        )
+        return model
+
+    def _create_or_adopt_secondary_model(self, name, tags, description):
+        """Create the registered model on the secondary, or update one that already exists."""
+        from mlflow.exceptions import MlflowException
+
+        try:
+            return self.secondary.create_registered_model(name, tags, description)
+        except MlflowException as error:
+            if error.error_code != "RESOURCE_ALREADY_EXISTS":
+                raise
+        for tag in tags:
+            self.secondary.set_registered_model_tag(name, tag)
+        if description:
+            self.secondary.update_registered_model(name, description)
+        return self.secondary.get_registered_model(name)
+
+    def _ensure_secondary_model(self, name):
+        from mlflow.exceptions import MlflowException
+
+        try:
+            self.secondary.get_registered_model(name)
+        except MlflowException as error:
+            if error.error_code != "RESOURCE_DOES_NOT_EXIST":
+                raise
+            primary_model = self.primary.get_registered_model(name)
+            self._create_or_adopt_secondary_model(
+                name, _tag_list(primary_model.tags), primary_model.description
+            )
+
+    def update_registered_model(self, name, description, *args, **kwargs):
+        model = self.primary.update_registered_model(name, description, *args, **kwargs)
+        self._mirror(
+            "update_registered_model",
+            lambda: self.secondary.update_registered_model(name, description),
+        )
+        return model
+
+    def rename_registered_model(self, name, new_name):
+        model = self.primary.rename_registered_model(name, new_name)
+        for key in [key for key in self._versions if key[0] == name]:
+            self._versions[(new_name, key[1])] = self._versions.pop(key)
+        self._mirror(
+            "rename_registered_model",
+            lambda: self.secondary.rename_registered_model(name, new_name),
+        )
+        return model
+
+    def delete_registered_model(self, name):
+        self.primary.delete_registered_model(name)
+        for key in [key for key in self._versions if key[0] == name]:
+            del self._versions[key]
+        self._mirror(
+            "delete_registered_model", lambda: self.secondary.delete_registered_model(name)
+        )
+
+    def set_registered_model_tag(self, name, tag):
+        self.primary.set_registered_model_tag(name, tag)
+        self._mirror(
+            "set_registered_model_tag", lambda: self.secondary.set_registered_model_tag(name, tag)
+        )
+
+    def delete_registered_model_tag(self, name, key):
+        self.primary.delete_registered_model_tag(name, key)
+        self._mirror(
+            "delete_registered_model_tag",
+            lambda: self.secondary.delete_registered_model_tag(name, key),
+        )
+
+    def set_registered_model_alias(self, name, alias, version):
+        self.primary.set_registered_model_alias(name, alias, version)
+        self._with_secondary_version(
+            "set_registered_model_alias",
+            name,
+            version,
+            lambda secondary: self.secondary.set_registered_model_alias(name, alias, secondary),
+        )
+
+    def delete_registered_model_alias(self, name, alias):
+        self.primary.delete_registered_model_alias(name, alias)
+        self._mirror(
+            "delete_registered_model_alias",
+            lambda: self.secondary.delete_registered_model_alias(name, alias),
+        )
+
+    # Model versions
+
+    def create_model_version(
+        self, name, source, run_id=None, tags=None, run_link=None, description=None,
+        local_model_path=None, model_id=None,
+    ):
+        extra = {} if model_id is None else {"model_id": model_id}
+        version = self.primary.create_model_version(
+            name, dual_uri.primary_part(source), run_id, tags, run_link, description,
+            local_model_path, **extra,
+        )
+        self._mirror(
+            "create_model_version",
+            lambda: self._mirror_model_version(version, source, run_id, tags, description, model_id),
+        )
+        return version
+
+    def _mirror_model_version(self, version, source, run_id, tags, description, model_id):
+        from mlflow.entities.model_registry import ModelVersionTag
+
+        tracking = self.tracking
+        mapping = getattr(tracking, "mapping", None)
+        secondary_run_id = mapping.secondary_run_id(run_id) if (mapping and run_id) else None
+        secondary_model_id = None
+        if model_id and mapping is not None:
+            secondary_model_id = mapping.secondary_model_id(model_id)
+        secondary_source = self._secondary_source(
+            source, run_id, secondary_run_id, model_id, secondary_model_id
+        )
+        if secondary_source is None:
+            raise LookupError(
+                f"source {source!r} of model version {version.name} {version.version} has no "
+                "copy on the secondary"
+            )
+
+        self._ensure_secondary_model(version.name)
+        extra = {} if secondary_model_id is None else {"model_id": secondary_model_id}
+        secondary_tags = list(tags or []) + [
+            ModelVersionTag(PRIMARY_VERSION_TAG, str(version.version))
+        ]
+        mirrored = self.secondary.create_model_version(
+            version.name, secondary_source, secondary_run_id, secondary_tags, None, description,
+            **extra,
+        )
+        self._versions[(version.name, str(version.version))] = str(mirrored.version)
+        self.primary.set_model_version_tag(
+            version.name,
+            version.version,
+            ModelVersionTag(SECONDARY_VERSION_TAG, str(mirrored.version)),
+        )
+        return mirrored
+
+    def _secondary_source(self, source, run_id, secondary_run_id, model_id, secondary_model_id):
+        """Return the secondary's equivalent of a model version source, or None if it has none."""
+        if dual_uri.is_dual_artifact_uri(source):
+            return dual_uri.secondary_part(source)
+        parsed = urllib.parse.urlsplit(source)
+        if parsed.scheme == "runs" and secondary_run_id:
+            path = parsed.path.lstrip("/").split("/", 1)
+            sub_path = path[1] if len(path) > 1 else ""
+            return f"runs:/{secondary_run_id}/{sub_path}".rstrip("/")
+        if parsed.scheme == "models" and model_id:
+            # A models:/ source is resolved by the registry's own tracking store, which may be
+            # the client's (SQL stores); the logged model's storage location works everywhere.
+            if not secondary_model_id:
+                return None
+            return self.tracking.secondary.get_logged_model(secondary_model_id).artifact_location
+        if run_id and secondary_run_id:
+            primary_root = dual_uri.primary_part(self.tracking.get_run(run_id).info.artifact_uri)
+            mirror = self.tracking.mapping.cached_secondary_run(run_id)
+            if mirror is not None and source.startswith(primary_root):
+                return mirror.artifact_uri + source[len(primary_root):]
+        return None
+
+    def update_model_version(self, name, version, description):
+        result = self.primary.update_model_version(name, version, description)
+        self._with_secondary_version(
+            "update_model_version",
+            name,
+            version,
+            lambda secondary: self.secondary.update_model_version(name, secondary, description),
+        )
+        return result
+
+    def transition_model_version_stage(self, name, version, stage, archive_existing_versions):
+        result = self.primary.transition_model_version_stage(
+            name, version, stage, archive_existing_versions
+        )
+        self._with_secondary_version(
+            "transition_model_version_stage",
+            name,
+            version,
+            lambda secondary: self.secondary.transition_model_version_stage(
+                name, secondary, stage, archive_existing_versions
+            ),
+        )
+        return result
+
+    def delete_model_version(self, name, version):
+        secondary = self._mirror(
+            "resolve_model_version", lambda: self._secondary_version(name, version)
+        )
+        self.primary.delete_model_version(name, version)
+        self._versions.pop((name, str(version)), None)
+        if secondary is not None:
+            self._mirror(
+                "delete_model_version", lambda: self.secondary.delete_model_version(name, secondary)
+            )
+
+    def set_model_version_tag(self, name, version, tag):
+        self.primary.set_model_version_tag(name, version, tag)
+        self._with_secondary_version(
+            "set_model_version_tag",
+            name,
+            version,
+            lambda secondary: self.secondary.set_model_version_tag(name, secondary, tag),
+        )
+
+    def delete_model_version_tag(self, name, version, key):
+        self.primary.delete_model_version_tag(name, version, key)
+        self._with_secondary_version(
+            "delete_model_version_tag",
+            name,
+            version,
+            lambda secondary: self.secondary.delete_model_version_tag(name, secondary, key),
+        )
+
+    def copy_model_version(self, src_mv, dst_name):
+        copied = self.primary.copy_model_version(src_mv, dst_name)
+
+        def send():
+            from mlflow.entities.model_registry import ModelVersionTag
+
+            source_version = self.secondary.get_model_version(
+                src_mv.name, self._secondary_version(src_mv.name, src_mv.version)
+            )
+            mirrored = self.secondary.copy_model_version(source_version, dst_name)
+            self._versions[(dst_name, str(copied.version))] = str(mirrored.version)
+            self.primary.set_model_version_tag(
+                dst_name, copied.version, ModelVersionTag(SECONDARY_VERSION_TAG, str(mirrored.version))
+            )
+            return mirrored
+
+        self._mirror("copy_model_version", send)
+        return copied
+
+
+def _tag_list(tags):
+    from mlflow.entities.model_registry import RegisteredModelTag
+
+    if isinstance(tags, dict):
+        return [RegisteredModelTag(key, value) for key, value in tags.items()]
+    return list(tags or [])
+
+
+routing.install_routes(
+    DualRegistryStore, routing.REGISTRY_READS, routing.REGISTRY_PRIMARY_ONLY_WRITES
+)

@@ -1,0 +1,51 @@
+"""Helpers for tests that write through the dual store and read each backend directly."""
+
+import uuid
+
+from mlflow import MlflowClient
+
+from mlflow_azdual.id_mapping import (
+    PRIMARY_EXPERIMENT_ID_TAG,
+    SECONDARY_RUN_ID_TAG,
+    TAG_PREFIX,
+)
+from mlflow_azdual.uri import explicit_tracking_uri
+
+
+def dual_tracking_uri(rig) -> str:
+    return explicit_tracking_uri(rig.primary_uri, rig.secondary_uri)
+
+
+def backend_clients(rig):
+    """Return plain MlflowClients for the primary and the secondary server."""
+    primary = MlflowClient(tracking_uri=rig.primary_uri, registry_uri=rig.primary_uri)
+    secondary = MlflowClient(tracking_uri=rig.secondary_uri, registry_uri=rig.secondary_uri)
+    return primary, secondary
+
+
+def unique_path(leaf: str = "exp") -> str:
+    return f"/Users/tester@example.com/{uuid.uuid4().hex[:10]}/{leaf}"
+
+
+def secondary_run_id(primary_client, run_id: str) -> str:
+    return primary_client.get_run(run_id).data.tags[SECONDARY_RUN_ID_TAG]
+
+
+def secondary_experiment(secondary_client, primary_experiment_id: str):
+    """Return the secondary experiment that mirrors ``primary_experiment_id``."""
+    matches = [
+        experiment
+        for experiment in secondary_client.search_experiments(view_type=3)
+        if experiment.tags.get(PRIMARY_EXPERIMENT_ID_TAG) == primary_experiment_id
+    ]
+    assert len(matches) == 1, f"expected one mirror, found {len(matches)}"
+    return matches[0]
+
+
+def user_tags(tags: dict) -> dict:
+    """Return ``tags`` without the plugin's id-mapping tags."""
+    return {key: value for key, value in tags.items() if not key.startswith(TAG_PREFIX)}
+
+
+def metric_points(client, run_id: str, key: str):
+    return sorted((m.step, m.value, m.timestamp) for m in client.get_metric_history(run_id, key))

@@ -1,0 +1,139 @@
+"""Artifacts and registered models through the azdual URI reach both rig servers.
+
+The primary stand-in keeps artifacts in moto S3, the secondary in Azurite blob storage, as
+Databricks and Azure ML keep them in their own cloud storage.
+"""
+
+import mlflow
+import numpy as np
+import pytest
+from mlflow import MlflowClient
+from sklearn.datasets import load_iris
+from sklearn.linear_model import LogisticRegression
+
+from mlflow_azdual.artifact_uri import is_dual_artifact_uri, resolve
+from mlflow_azdual.registry_store import PRIMARY_VERSION_TAG, SECONDARY_VERSION_TAG
+from tests.dual_helpers import backend_clients, dual_tracking_uri, secondary_run_id, unique_path
+
+
+@pytest.fixture
+def dual(rig):
+    uri = dual_tracking_uri(rig)
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_registry_uri(uri)
+    yield MlflowClient(tracking_uri=uri, registry_uri=uri)
+    while mlflow.active_run():
+        mlflow.end_run()
+
+
+@pytest.fixture(scope="module")
+def iris_model():
+    features, labels = load_iris(return_X_y=True)
+    return LogisticRegression(max_iter=300).fit(features, labels), features
+
+
+def artifact_paths(client, run_id, path=None):
+    paths = []
+    for info in client.list_artifacts(run_id, path):
+        if info.is_dir:
+            paths.extend(artifact_paths(client, run_id, info.path))
+        else:
+            paths.append(info.path)
+    return sorted(paths)
+
+
+def test_run_artifact_uri_is_dual(rig, dual):
+    mlflow.set_experiment(unique_path())
+    with mlflow.start_run() as run:
+        uri = mlflow.get_artifact_uri()
+    roots = resolve(uri)
+    assert is_dual_artifact_uri(uri)
+    assert roots.primary.startswith("s3://")
+    assert roots.secondary.startswith("wasbs://")
+    assert dual.get_run(run.info.run_id).info.artifact_uri == uri
+
+
+def test_log_artifacts_land_in_both_stores(rig, dual, tmp_path):
+    primary, secondary = backend_clients(rig)
+    (tmp_path / "report.txt").write_text("accuracy 0.97\n")
+    (tmp_path / "plots").mkdir()
+    (tmp_path / "plots" / "loss.csv").write_text("epoch,loss\n0,1.0\n")
+    mlflow.set_experiment(unique_path())
+
+    with mlflow.start_run() as run:
+        mlflow.log_artifact(str(tmp_path / "report.txt"))
+        mlflow.log_artifacts(str(tmp_path / "plots"), artifact_path="plots")
+
+    mirror_id = secondary_run_id(primary, run.info.run_id)
+    expected = ["plots/loss.csv", "report.txt"]
+    assert artifact_paths(primary, run.info.run_id) == expected
+    assert artifact_paths(secondary, mirror_id) == expected
+    downloaded = secondary.download_artifacts(mirror_id, "report.txt", str(tmp_path / "out"))
+    assert open(downloaded).read() == "accuracy 0.97\n"
+    assert artifact_paths(dual, run.info.run_id) == expected
+
+
+def test_model_loads_through_runs_uri(rig, dual, iris_model):
+    primary, secondary = backend_clients(rig)
+    model, features = iris_model
+    mlflow.set_experiment(unique_path())
+
+    with mlflow.start_run() as run:
+        mlflow.sklearn.log_model(model, name="model")
+
+    loaded = mlflow.pyfunc.load_model(f"runs:/{run.info.run_id}/model")
+    assert np.array_equal(loaded.predict(features[:5]), model.predict(features[:5]))
+    mirror_id = secondary_run_id(primary, run.info.run_id)
+    assert secondary.get_run(mirror_id).info.status == "FINISHED"
+
+
+def test_registered_model_version_on_both(rig, dual, iris_model):
+    primary, secondary = backend_clients(rig)
+    model, features = iris_model
+    name = "iris-" + unique_path().split("/")[-2]
+    # A version made on the secondary alone shifts its numbering, so the mapping is exercised.
+    secondary.create_registered_model(name)
+    secondary.create_model_version(name, "wasbs://x@devstoreaccount1.blob.core.windows.net/y")
+    mlflow.set_experiment(unique_path())
+
+    with mlflow.start_run():
+        info = mlflow.sklearn.log_model(model, name="model", registered_model_name=name)
+
+    primary_version = primary.get_model_version(name, "1")
+    secondary_number = primary_version.tags[SECONDARY_VERSION_TAG]
+    secondary_version = secondary.get_model_version(name, secondary_number)
+    assert secondary_number == "2"
+    assert secondary_version.tags[PRIMARY_VERSION_TAG] == "1"
+    assert secondary_version.source.startswith("wasbs://")
+    assert secondary_version.run_id == secondary_run_id(primary, primary_version.run_id)
+
+    dual.set_registered_model_alias(name, "champion", "1")
+    dual.set_model_version_tag(name, "1", "validated", "true")
+    dual.update_model_version(name, "1", description="first model")
+    mirrored = secondary.get_model_version(name, secondary_number)
+    assert secondary.get_model_version_by_alias(name, "champion").version == secondary_number
+    assert mirrored.tags["validated"] == "true"
+    assert mirrored.description == "first model"
+
+    by_name = mlflow.pyfunc.load_model(f"models:/{name}/1")
+    assert np.array_equal(by_name.predict(features[:3]), model.predict(features[:3]))
+    by_alias = mlflow.pyfunc.load_model(f"models:/{name}@champion")
+    assert np.array_equal(by_alias.predict(features[:3]), model.predict(features[:3]))
+    assert str(info.registered_model_version) == "1"
+
+
+def test_register_model_from_runs_uri(rig, dual, iris_model):
+    primary, secondary = backend_clients(rig)
+    model, _ = iris_model
+    name = "iris-runs-" + unique_path().split("/")[-2]
+    mlflow.set_experiment(unique_path())
+    with mlflow.start_run() as run:
+        mlflow.sklearn.log_model(model, name="model")
+
+    version = mlflow.register_model(f"runs:/{run.info.run_id}/model", name)
+
+    primary_version = primary.get_model_version(name, version.version)
+    mirrored = secondary.get_model_version(name, primary_version.tags[SECONDARY_VERSION_TAG])
+    assert mirrored.run_id == secondary_run_id(primary, run.info.run_id)
+    assert not primary_version.source.startswith("azdual")
+    assert mirrored.source.startswith("wasbs://")
