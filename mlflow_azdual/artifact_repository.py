@@ -85,19 +85,23 @@ class DualArtifactRepository(ArtifactRepository):
     def _read(self, operation, read):
         try:
             return read(self.primary)
-        except Exception as error:
+        except Exception as primary_error:
             if self.secondary is None:
                 raise
-            _logger.warning(
-                "mlflow-azdual: %s from the primary artifact store failed (%s); reading from "
-                "the secondary instead",
-                operation,
-                type(error).__name__,
-            )
             try:
-                return read(self.secondary)
+                result = read(self.secondary)
             except Exception:
-                raise error from None
+                # Missing on both sides (MLflow probes optional files this way): the primary's
+                # error is the one the caller expects.
+                raise primary_error from None
+            _logger.warning(
+                "mlflow-azdual: %s failed on the primary artifact store (%s: %s); the "
+                "secondary's copy was used",
+                operation,
+                type(primary_error).__name__,
+                str(primary_error).splitlines()[0][:300],
+            )
+            return result
 
     def list_artifacts(self, path=None):
         return self._read("list_artifacts", lambda repository: repository.list_artifacts(path))

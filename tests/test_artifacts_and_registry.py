@@ -137,3 +137,67 @@ def test_register_model_from_runs_uri(rig, dual, iris_model):
     assert mirrored.run_id == secondary_run_id(primary, run.info.run_id)
     assert not primary_version.source.startswith("azdual")
     assert mirrored.source.startswith("wasbs://")
+
+
+def test_download_falls_back_to_secondary(rig, dual, tmp_path, caplog):
+    import logging
+
+    import boto3
+
+    (tmp_path / "weights.bin").write_bytes(b"\x00\x01\x02")
+    mlflow.set_experiment(unique_path())
+    with mlflow.start_run() as run:
+        mlflow.log_artifact(str(tmp_path / "weights.bin"))
+    primary_root = resolve(dual.get_run(run.info.run_id).info.artifact_uri).primary
+    bucket, prefix = primary_root[len("s3://"):].split("/", 1)
+    s3 = boto3.client("s3", endpoint_url=rig.s3_endpoint_url)
+    s3.delete_object(Bucket=bucket, Key=f"{prefix}/weights.bin")
+    caplog.set_level(logging.WARNING, logger="mlflow_azdual")
+
+    local = dual.download_artifacts(run.info.run_id, "weights.bin", str(tmp_path / "out"))
+
+    assert open(local, "rb").read() == b"\x00\x01\x02"
+    assert any("secondary's copy was used" in record.getMessage() for record in caplog.records)
+
+
+def test_missing_artifact_raises_primary_error(rig, dual, tmp_path, caplog):
+    import logging
+
+    from mlflow.exceptions import MlflowException
+
+    primary, _ = backend_clients(rig)
+    mlflow.set_experiment(unique_path())
+    with mlflow.start_run() as run:
+        pass
+    caplog.set_level(logging.WARNING, logger="mlflow_azdual")
+
+    with pytest.raises(MlflowException) as dual_error:
+        dual.download_artifacts(run.info.run_id, "absent.txt", str(tmp_path))
+    with pytest.raises(MlflowException) as plain_error:
+        primary.download_artifacts(run.info.run_id, "absent.txt", str(tmp_path))
+
+    assert dual_error.value.message == plain_error.value.message
+    assert not [record for record in caplog.records if "secondary's copy" in record.getMessage()]
+
+
+def test_stage_transition_and_model_tags_on_both(rig, dual):
+    primary, secondary = backend_clients(rig)
+    name = "staged-" + unique_path().split("/")[-2]
+    mlflow.set_experiment(unique_path())
+    with mlflow.start_run():
+        mlflow.log_text("weights", "model/weights.txt")
+    dual.create_registered_model(name, tags={"owner": "ana"}, description="churn model")
+    run_id = mlflow.last_active_run().info.run_id
+    source = dual.get_run(run_id).info.artifact_uri + "/model"
+    dual.create_model_version(name, source, run_id=run_id)
+
+    dual.transition_model_version_stage(name, "1", "Staging")
+    dual.set_registered_model_tag(name, "domain", "churn")
+    mirrored_number = primary.get_model_version(name, "1").tags[SECONDARY_VERSION_TAG]
+    mirrored_model = secondary.get_registered_model(name)
+
+    assert secondary.get_model_version(name, mirrored_number).current_stage == "Staging"
+    assert mirrored_model.description == "churn model"
+    assert mirrored_model.tags == {"owner": "ana", "domain": "churn"}
+    assert secondary.get_model_version(name, mirrored_number).source.startswith("wasbs://")
+    assert primary.get_model_version(name, "1").source.startswith("s3://")

@@ -1,0 +1,192 @@
+"""The Azure Databricks + Azure ML workflow, run against the local two-backend rig.
+
+Unchanged MLflow code trains a small scikit-learn model with the tracking URI set to azdual:
+an experiment under /Users/<user>/..., params, 50 epochs of epoch_loss, an artifact, and
+log_model with registered_model_name. It loads the model back through runs:/ and models:/,
+then reads each server with a plain MlflowClient and prints what each backend holds.
+
+Start the rig first (`python -m rig up`); `make demo` does both.
+"""
+
+import argparse
+import logging
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO_ROOT))
+
+DEMO_USER = "demo.user@example.com"
+EPOCHS = 50
+
+
+def load_rig(state_path):
+    from rig import Rig
+
+    if not Path(state_path).exists():
+        raise SystemExit(
+            f"The rig is not running (no {state_path}). Start it with `python -m rig up` "
+            "or run `make demo`."
+        )
+    rig = Rig.attach(state_path)
+    rig.apply_env()
+    return rig
+
+
+def train_and_log(experiment_path, model_name):
+    """Run the user's training code: nothing in it knows about the second backend."""
+    import mlflow
+    import numpy as np
+    from sklearn.datasets import load_breast_cancer
+    from sklearn.linear_model import SGDClassifier
+    from sklearn.metrics import accuracy_score, log_loss
+    from sklearn.model_selection import train_test_split
+    from sklearn.preprocessing import StandardScaler
+
+    features, labels = load_breast_cancer(return_X_y=True)
+    features = StandardScaler().fit_transform(features)
+    train_x, test_x, train_y, test_y = train_test_split(
+        features, labels, test_size=0.25, random_state=7
+    )
+    params = {"loss": "log_loss", "alpha": 1e-4, "learning_rate": "optimal", "random_state": 7}
+
+    mlflow.set_experiment(experiment_path)
+    with mlflow.start_run(run_name="sgd-breast-cancer") as run:
+        mlflow.log_params({**params, "epochs": EPOCHS})
+        mlflow.set_tag("dataset", "sklearn.datasets.load_breast_cancer")
+        model = SGDClassifier(**params)
+        for epoch in range(EPOCHS):
+            model.partial_fit(train_x, train_y, classes=np.unique(labels))
+            epoch_loss = log_loss(train_y, model.predict_proba(train_x))
+            mlflow.log_metric("epoch_loss", epoch_loss, step=epoch)
+        accuracy = accuracy_score(test_y, model.predict(test_x))
+        mlflow.log_metric("test_accuracy", accuracy)
+
+        with tempfile.TemporaryDirectory() as folder:
+            summary = Path(folder) / "summary.txt"
+            summary.write_text(f"test accuracy: {accuracy:.4f}\nepochs: {EPOCHS}\n")
+            mlflow.log_artifact(str(summary))
+        model_info = mlflow.sklearn.log_model(
+            model, name="model", registered_model_name=model_name, input_example=test_x[:2]
+        )
+
+    by_run = mlflow.pyfunc.load_model(f"runs:/{run.info.run_id}/model")
+    by_name = mlflow.pyfunc.load_model(f"models:/{model_name}/{model_info.registered_model_version}")
+    expected = model.predict(test_x[:5]).tolist()
+    for label, loaded in (("runs:/", by_run), ("models:/", by_name)):
+        predicted = [int(value) for value in loaded.predict(test_x[:5])]
+        status = "matches" if predicted == expected else "DIFFERS from"
+        print(f"prediction through {label:9} {predicted} {status} the trained model")
+    return run.info.run_id, model_info
+
+
+def describe_backend(client, run_id, model_name):
+    """Read what one backend holds for a run, with a plain MlflowClient."""
+    from mlflow.artifacts import list_artifacts
+
+    from mlflow_azdual.id_mapping import TAG_PREFIX
+
+    run = client.get_run(run_id)
+    experiment = client.get_experiment(run.info.experiment_id)
+    metric_points = sum(
+        len(client.get_metric_history(run_id, key)) for key in run.data.metrics
+    )
+
+    def count_files(list_files, path=None):
+        total = 0
+        for info in list_files(path):
+            total += count_files(list_files, info.path) if info.is_dir else 1
+        return total
+
+    run_files = count_files(lambda path: client.list_artifacts(run_id, path))
+    model_files = 0
+    for model in client.search_logged_models([run.info.experiment_id]):
+        if model.source_run_id == run_id:
+            model_files += count_files(
+                lambda path, root=model.artifact_location: list_artifacts(
+                    artifact_uri=root if path is None else f"{root}/{path}"
+                )
+            )
+    versions = client.search_model_versions(f"name = '{model_name}' and run_id = '{run_id}'")
+    user_tags = {k: v for k, v in run.data.tags.items() if not k.startswith(TAG_PREFIX)}
+    return {
+        "experiment name": experiment.name,
+        "experiment id": experiment.experiment_id,
+        "run id": run_id,
+        "run status": run.info.status,
+        "params": len(run.data.params),
+        "metric keys": len(run.data.metrics),
+        "metric points": metric_points,
+        "tags (without azdual.*)": len(user_tags),
+        "run artifact files": run_files,
+        "logged model files": model_files,
+        "registered model versions": ", ".join(
+            f"{version.name} v{version.version}" for version in versions
+        ) or "none",
+    }
+
+
+def print_side_by_side(primary, secondary):
+    width = max(len(key) for key in primary) + 2
+    column = max(len(str(value)) for value in primary.values()) + 2
+    print()
+    print(f"{'':{width}}{'primary (Databricks stand-in)':{column}}secondary (Azure ML stand-in)")
+    for key in primary:
+        print(f"{key:{width}}{str(primary[key]):{column}}{secondary[key]}")
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument(
+        "--rig-state",
+        default=os.environ.get("AZDUAL_RIG_STATE", str(REPO_ROOT / ".rig" / "state" / "state.json")),
+        help="state.json of a running rig (default: .rig/state/state.json)",
+    )
+    parser.add_argument("--experiment", default="churn-baseline", help="experiment leaf name")
+    parser.add_argument("--model-name", default="azdual-demo-classifier")
+    arguments = parser.parse_args(argv)
+
+    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+    os.environ.setdefault("DO_NOT_TRACK", "true")
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    rig = load_rig(arguments.rig_state)
+
+    import mlflow
+    from mlflow import MlflowClient
+
+    from mlflow_azdual.id_mapping import SECONDARY_RUN_ID_TAG
+    from mlflow_azdual.uri import explicit_tracking_uri
+
+    tracking_uri = explicit_tracking_uri(rig.primary_uri, rig.secondary_uri)
+    os.environ["MLFLOW_TRACKING_URI"] = tracking_uri
+    mlflow.set_tracking_uri(tracking_uri)
+    mlflow.set_registry_uri(tracking_uri)
+    print(f"MLFLOW_TRACKING_URI={tracking_uri}")
+
+    experiment_path = f"/Users/{DEMO_USER}/azdual-demo/{arguments.experiment}"
+    run_id, _ = train_and_log(experiment_path, arguments.model_name)
+
+    primary = MlflowClient(tracking_uri=rig.primary_uri, registry_uri=rig.primary_uri)
+    secondary = MlflowClient(tracking_uri=rig.secondary_uri, registry_uri=rig.secondary_uri)
+    secondary_run_id = primary.get_run(run_id).data.tags.get(SECONDARY_RUN_ID_TAG)
+    if secondary_run_id is None:
+        raise SystemExit(f"run {run_id} has no mirror on the secondary; see the warnings above")
+
+    primary_view = describe_backend(primary, run_id, arguments.model_name)
+    secondary_view = describe_backend(secondary, secondary_run_id, arguments.model_name)
+    print_side_by_side(primary_view, secondary_view)
+
+    counted = [key for key, value in primary_view.items() if isinstance(value, int)]
+    unequal = [key for key in counted if primary_view[key] != secondary_view[key]]
+    print()
+    print("counts equal on both backends" if not unequal else f"counts differ: {unequal}")
+    print(f"open the primary's MLflow UI:   {rig.primary_uri}")
+    print(f"open the secondary's MLflow UI: {rig.secondary_uri}")
+    print("stop the rig with: make rig-down")
+    return 1 if unequal else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,99 @@
+"""Command line for the rig: `python -m rig up | env | status | down [--state-dir DIR]`.
+
+`up` starts the servers in their own sessions and returns, leaving them running, and writes
+<state dir>/state.json. `env` prints shell exports for a client. `down` stops exactly the
+process groups recorded in state.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import shlex
+import sys
+from pathlib import Path
+
+from rig.servers import DEFAULT_STATE_DIR, Rig
+
+
+def _attach(state_dir: Path) -> Rig:
+    state_path = state_dir / "state.json"
+    if not state_path.exists():
+        raise SystemExit(f"no rig state at {state_path}; start the rig with `python -m rig up`")
+    return Rig.attach(state_path)
+
+
+def command_up(state_dir: Path) -> None:
+    rig = Rig(state_dir).start()
+    print(f"primary (Databricks stand-in) UI and API: {rig.primary_uri}")
+    print(f"secondary (Azure ML stand-in) UI and API: {rig.secondary_uri}")
+    print(f"S3 (moto): {rig.s3_endpoint_url}")
+    print(f"logs: {rig.state_dir / 'logs'}")
+    quoted_state_dir = shlex.quote(str(state_dir))
+    print(f"client environment: eval \"$(python -m rig env --state-dir {quoted_state_dir})\"")
+    print(f"stop: python -m rig down --state-dir {quoted_state_dir}")
+
+
+def command_env(state_dir: Path) -> None:
+    rig = _attach(state_dir)
+    print(f"# primary: {rig.primary_uri}")
+    print(f"# secondary: {rig.secondary_uri}")
+    for key, value in {**rig.env, "AZDUAL_RIG_STATE": str(rig.state_path)}.items():
+        print(f"export {key}={shlex.quote(value)}")
+
+
+def command_status(state_dir: Path) -> None:
+    state_path = state_dir / "state.json"
+    if not state_path.exists():
+        raise SystemExit(f"no rig is running from {state_dir}")
+    rig = Rig.attach(state_path)
+    stopped = [name for name in rig.processes if not rig.is_server_running(name)]
+    for name in rig.processes:
+        print(f"{name}: {'stopped' if name in stopped else 'running'}")
+    if stopped:
+        raise SystemExit(f"rig in {state_dir} is not fully running: {', '.join(stopped)} stopped")
+    print(f"primary: {rig.primary_uri}")
+    print(f"secondary: {rig.secondary_uri}")
+
+
+def command_down(state_dir: Path) -> None:
+    _attach(state_dir).stop()
+    print(f"rig in {state_dir} stopped")
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m rig", description=__doc__.splitlines()[0])
+    parser.add_argument(
+        "command",
+        choices=("up", "env", "status", "down"),
+        help="up: start the rig in the background; env: print shell exports for a client; "
+        "status: exit 0 if every server of the rig is running; down: stop the rig that `up` "
+        "started",
+    )
+    parser.add_argument(
+        "--state-dir",
+        type=Path,
+        default=DEFAULT_STATE_DIR,
+        help=f"folder for state.json, logs and the SQLite stores (default: {DEFAULT_STATE_DIR})",
+    )
+    args = parser.parse_args(argv)
+
+    logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s", stream=sys.stderr)
+    # azure-core logs every request and response at INFO.
+    logging.getLogger("azure").setLevel(logging.WARNING)
+
+    state_dir = args.state_dir.resolve()
+    commands = {
+        "up": command_up,
+        "env": command_env,
+        "status": command_status,
+        "down": command_down,
+    }
+    try:
+        commands[args.command](state_dir)
+    except (RuntimeError, FileNotFoundError) as exc:
+        raise SystemExit(f"python -m rig {args.command} failed: {exc}") from None
+
+
+if __name__ == "__main__":
+    main()

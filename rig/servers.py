@@ -1,0 +1,379 @@
+"""The rig: local stand-ins for the Databricks and Azure ML workspaces on loopback ports.
+
+`Rig` starts moto (S3), Azurite (Azure Blob) and two `mlflow server` processes, each with
+its own SQLite store: the primary stores artifacts in moto S3, the secondary in Azurite.
+Clients write artifacts straight to storage, so they need `Rig.env`. The rig writes
+state.json into its state dir, and `Rig.attach()` rebuilds a Rig from it in another process.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import sys
+import time
+from pathlib import Path
+
+from rig.guard import GUARD_PATH
+from rig.processes import ServerProcess, find_free_ports
+
+log = logging.getLogger("rig")
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_STATE_DIR = REPO_ROOT / ".rig" / "state"
+AZURITE_NODE_PREFIX = REPO_ROOT / ".rig" / "node"
+AZURITE_INSTALL_COMMAND = f"npm install --prefix {AZURITE_NODE_PREFIX} azurite@3.37.0"
+
+# Azurite's fixed development account. The key is public and documented by Microsoft
+# (https://learn.microsoft.com/azure/storage/common/storage-use-azurite), not a secret.
+AZURITE_ACCOUNT = "devstoreaccount1"
+AZURITE_ACCOUNT_KEY = (
+    "Eby8vdM02xNOcqFlqUwJPLlmEtlCDXJ1OUzFT50uSRZ6IFsuFq2UVErCz4I6tq/K1SZFPTOtr/KBHBeksoGMGw=="
+)
+
+SERVER_NAMES = ("moto", "azurite", "primary", "secondary")
+MLFLOW_SERVER_NAMES = ("primary", "secondary")
+
+
+def find_azurite_blob() -> str:
+    """Return the path of the `azurite-blob` executable, preferring the project-local install.
+
+    Raises FileNotFoundError with the install command if it is in neither place.
+    """
+    local = AZURITE_NODE_PREFIX / "node_modules" / ".bin" / "azurite-blob"
+    if local.exists():
+        return str(local)
+
+    on_path = shutil.which("azurite-blob")
+    if on_path:
+        return on_path
+
+    raise FileNotFoundError(
+        f"azurite-blob not found in {local.parent} or on PATH. Install it with:\n"
+        f"    {AZURITE_INSTALL_COMMAND}"
+    )
+
+
+class Rig:
+    """Loopback stand-ins for the primary (Databricks) and secondary (Azure ML) workspaces.
+
+    Use as a context manager, or call `start()` and `stop()`. Every server binds 127.0.0.1.
+    moto and Azurite keep data in memory, so restarting either of them loses its objects.
+    The MLflow servers keep runs in SQLite in the state dir, so `stop_server("secondary")`
+    followed by `start_server("secondary")` keeps the secondary's data and port.
+    """
+
+    bucket = "primary-artifacts"
+    container = "secondary-artifacts"
+    primary_artifact_root = f"s3://{bucket}/mlflow"
+    secondary_artifact_root = f"wasbs://{container}@{AZURITE_ACCOUNT}.blob.core.windows.net/mlflow"
+
+    def __init__(
+        self, state_dir: str | os.PathLike | None = None, *, startup_timeout: float = 90.0
+    ):
+        self.state_dir = Path(state_dir or DEFAULT_STATE_DIR).resolve()
+        self.state_path = self.state_dir / "state.json"
+        self.startup_timeout = startup_timeout
+        self.processes: dict[str, ServerProcess] = {}
+        self._ports: dict[str, int] = {}
+
+    # Construction of the four servers.
+
+    def _build_processes(self) -> None:
+        moto_port, azurite_port, primary_port, secondary_port = find_free_ports(4)
+        self._ports = {
+            "moto": moto_port,
+            "azurite": azurite_port,
+            "primary": primary_port,
+            "secondary": secondary_port,
+        }
+        logs = self.state_dir / "logs"
+        self.processes = {
+            "moto": ServerProcess(
+                "moto",
+                [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(moto_port)],
+                port=moto_port,
+                health_url=f"http://127.0.0.1:{moto_port}/moto-api/",
+                log_path=logs / "moto.log",
+                cwd=self.state_dir / "moto",
+                extra_env=self._python_server_env(),
+                accept_any_status=True,
+            ),
+            "azurite": ServerProcess(
+                "azurite",
+                [
+                    find_azurite_blob(),
+                    "--blobHost", "127.0.0.1",
+                    "--blobPort", str(azurite_port),
+                    "--inMemoryPersistence",
+                    "--skipApiVersionCheck",
+                    "--loose",
+                    "--disableTelemetry",
+                ],
+                port=azurite_port,
+                health_url=f"http://127.0.0.1:{azurite_port}/{AZURITE_ACCOUNT}?comp=list",
+                log_path=logs / "azurite.log",
+                cwd=self.state_dir / "azurite",
+                extra_env={"DO_NOT_TRACK": "true"},
+                accept_any_status=True,
+            ),
+        }
+
+        for name, port, artifact_root in (
+            ("primary", primary_port, self.primary_artifact_root),
+            ("secondary", secondary_port, self.secondary_artifact_root),
+        ):
+            database = self.state_dir / name / "mlflow.db"
+            self.processes[name] = ServerProcess(
+                name,
+                [
+                    sys.executable, "-m", "mlflow", "server",
+                    "--host", "127.0.0.1",
+                    "--port", str(port),
+                    "--workers", "1",
+                    "--backend-store-uri", f"sqlite:///{database}",
+                    "--default-artifact-root", artifact_root,
+                    "--no-serve-artifacts",
+                ],
+                port=port,
+                health_url=f"http://127.0.0.1:{port}/health",
+                log_path=logs / f"{name}.log",
+                cwd=self.state_dir / name,
+                extra_env={
+                    **self._python_server_env(),
+                    "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false",
+                },
+            )
+
+    def _python_server_env(self) -> dict[str, str]:
+        """Return the environment additions for a Python server: client env plus the guard.
+
+        The servers get the storage settings too, so that any artifact access on the server
+        side also goes to moto and Azurite.
+        """
+        python_path = os.pathsep.join(filter(None, [str(GUARD_PATH), os.environ.get("PYTHONPATH")]))
+        return {**self.env, "PYTHONPATH": python_path}
+
+    # Addresses and environment.
+
+    @property
+    def primary_uri(self) -> str:
+        return f"http://127.0.0.1:{self._ports['primary']}"
+
+    @property
+    def secondary_uri(self) -> str:
+        return f"http://127.0.0.1:{self._ports['secondary']}"
+
+    @property
+    def s3_endpoint_url(self) -> str:
+        return f"http://127.0.0.1:{self._ports['moto']}"
+
+    @property
+    def azure_storage_connection_string(self) -> str:
+        return (
+            "DefaultEndpointsProtocol=http;"
+            f"AccountName={AZURITE_ACCOUNT};"
+            f"AccountKey={AZURITE_ACCOUNT_KEY};"
+            f"BlobEndpoint=http://127.0.0.1:{self._ports['azurite']}/{AZURITE_ACCOUNT};"
+        )
+
+    @property
+    def env(self) -> dict[str, str]:
+        """Environment variables that an MLflow client process of the rig needs.
+
+        The HTTP settings make a call to a stopped MLflow server fail after 2 retries, in
+        about 2 s with the connection refused. MLflow's defaults (7 retries, backoff factor 2)
+        take about 4 minutes, as its environment_variables.py states.
+        """
+        no_proxy = "127.0.0.1,localhost,::1"
+        return {
+            "MLFLOW_S3_ENDPOINT_URL": self.s3_endpoint_url,
+            "AWS_ACCESS_KEY_ID": "rig-access-key-id",
+            "AWS_SECRET_ACCESS_KEY": "rig-secret-access-key",
+            "AWS_DEFAULT_REGION": "us-east-1",
+            # botocore would otherwise ask the EC2 instance metadata endpoint for credentials.
+            "AWS_EC2_METADATA_DISABLED": "true",
+            "AZURE_STORAGE_CONNECTION_STRING": self.azure_storage_connection_string,
+            "MLFLOW_DISABLE_TELEMETRY": "true",
+            "DO_NOT_TRACK": "true",
+            "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2",
+            # MLflow parses the backoff factor as an integer, so "0.5" would be rejected.
+            "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+            "MLFLOW_HTTP_REQUEST_BACKOFF_JITTER": "0.2",
+            "MLFLOW_HTTP_REQUEST_TIMEOUT": "5",
+            # Keeps loopback traffic away from any HTTP proxy set in the caller's environment.
+            "NO_PROXY": no_proxy,
+            "no_proxy": no_proxy,
+        }
+
+    def apply_env(self) -> None:
+        """Put `env` into os.environ of this process."""
+        os.environ.update(self.env)
+
+    @property
+    def log_paths(self) -> dict[str, Path]:
+        return {name: process.log_path for name, process in self.processes.items()}
+
+    def log_tail(self, lines: int = 40) -> str:
+        """Return the last `lines` lines of every server log, each under a header line."""
+        sections = []
+        for name, process in self.processes.items():
+            sections.append(f"----- {name}: {process.log_path} -----\n{process.log_tail(lines)}")
+        return "\n".join(sections)
+
+    # Start and stop.
+
+    def start(self) -> Rig:
+        """Start all servers in parallel, create the bucket and container, write state.json.
+
+        Removes the SQLite stores of an earlier rig in the same state dir and truncates its
+        logs, because the artifacts of its runs were in memory and are gone. Raises
+        RuntimeError if a rig from this state dir is still running.
+        """
+        self._raise_if_running()
+        self._remove_previous_state()
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        self._build_processes()
+
+        started = time.monotonic()
+        try:
+            for process in self.processes.values():
+                process.start(truncate_log=True)
+
+            self.processes["moto"].wait_ready(self.startup_timeout)
+            self._create_bucket()
+            self.processes["azurite"].wait_ready(self.startup_timeout)
+            self._create_container()
+            for name in MLFLOW_SERVER_NAMES:
+                self.processes[name].wait_ready(self.startup_timeout)
+        except BaseException:
+            self.stop()
+            raise
+
+        self._write_state()
+        log.info(
+            "rig ready in %.1f s: primary %s, secondary %s",
+            time.monotonic() - started,
+            self.primary_uri,
+            self.secondary_uri,
+        )
+        return self
+
+    def stop(self) -> None:
+        """Stop every server that this rig started or attached to, and remove state.json."""
+        if not self.processes:
+            return
+        for name in reversed(SERVER_NAMES):
+            if name in self.processes:
+                self.processes[name].stop()
+        self.state_path.unlink(missing_ok=True)
+
+    def stop_server(self, name: str) -> None:
+        """Stop one server: `primary`, `secondary`, `moto` or `azurite`.
+
+        `start_server(name)` starts it again on the same port.
+        """
+        self._process(name).stop()
+        self._write_state()
+
+    def start_server(self, name: str) -> None:
+        """Start one stopped server again on the same port and with the same data directory.
+
+        moto and Azurite come back empty, with the bucket or container created again.
+        """
+        process = self._process(name)
+        process.start()
+        try:
+            process.wait_ready(self.startup_timeout)
+            if name == "moto":
+                self._create_bucket()
+            elif name == "azurite":
+                self._create_container()
+        finally:
+            self._write_state()
+
+    def is_server_running(self, name: str) -> bool:
+        return self._process(name).is_running()
+
+    def __enter__(self) -> Rig:
+        return self.start()
+
+    def __exit__(self, *exc_info) -> None:
+        self.stop()
+
+    def _process(self, name: str) -> ServerProcess:
+        if name not in self.processes:
+            raise ValueError(f"unknown server {name!r}; expected one of {', '.join(SERVER_NAMES)}")
+        return self.processes[name]
+
+    def _raise_if_running(self) -> None:
+        if not self.state_path.exists():
+            return
+        try:
+            previous = Rig.attach(self.state_path)
+        except (ValueError, KeyError) as exc:
+            log.warning("ignoring unreadable %s: %s", self.state_path, exc)
+            return
+        running = [name for name in SERVER_NAMES if previous.is_server_running(name)]
+        if running:
+            raise RuntimeError(
+                f"a rig started from {self.state_dir} is still running ({', '.join(running)}); "
+                f"stop it with `python -m rig down --state-dir {self.state_dir}` or reuse it "
+                f"with AZDUAL_RIG_STATE={self.state_path}"
+            )
+
+    def _remove_previous_state(self) -> None:
+        for name in MLFLOW_SERVER_NAMES:
+            (self.state_dir / name / "mlflow.db").unlink(missing_ok=True)
+        self.state_path.unlink(missing_ok=True)
+
+    # Storage set-up. moto and Azurite keep data in memory, so this runs after every start.
+
+    def _create_bucket(self) -> None:
+        import boto3
+
+        s3 = boto3.client(
+            "s3",
+            endpoint_url=self.s3_endpoint_url,
+            aws_access_key_id=self.env["AWS_ACCESS_KEY_ID"],
+            aws_secret_access_key=self.env["AWS_SECRET_ACCESS_KEY"],
+            region_name=self.env["AWS_DEFAULT_REGION"],
+        )
+        s3.create_bucket(Bucket=self.bucket)
+
+    def _create_container(self) -> None:
+        from azure.storage.blob import BlobServiceClient
+
+        service = BlobServiceClient.from_connection_string(self.azure_storage_connection_string)
+        service.create_container(self.container)
+
+    # State file.
+
+    def _write_state(self) -> None:
+        state = {
+            "primary_uri": self.primary_uri,
+            "secondary_uri": self.secondary_uri,
+            "env": self.env,
+            "processes": {name: process.to_state() for name, process in self.processes.items()},
+        }
+        temporary = self.state_path.with_suffix(".tmp")
+        temporary.write_text(json.dumps(state, indent=2) + "\n")
+        temporary.replace(self.state_path)
+
+    @classmethod
+    def attach(cls, state_path: str | os.PathLike) -> Rig:
+        """Rebuild a Rig from the state.json of a rig that another process started.
+
+        `stop()`, `stop_server()` and `start_server()` then act on those processes and
+        update the state file. Raises FileNotFoundError if there is no state file.
+        """
+        state_path = Path(state_path).resolve()
+        state = json.loads(state_path.read_text())
+        rig = cls(state_path.parent)
+        rig.processes = {
+            name: ServerProcess.from_state(name, state["processes"][name]) for name in SERVER_NAMES
+        }
+        rig._ports = {name: process.port for name, process in rig.processes.items()}
+        return rig

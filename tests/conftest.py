@@ -1,0 +1,81 @@
+"""Shared fixtures: the loopback guard, the rig, and the environment for child processes.
+
+The guard is installed when pytest imports this file, so code in the pytest process cannot
+reach a host other than this machine. The session-scoped `rig` fixture starts a Rig, or
+attaches to a running one when AZDUAL_RIG_STATE names the state.json written by
+`python -m rig up`. It stops only a rig that it started. When a test fails, its report
+gets the end of every server log.
+"""
+
+import os
+
+import pytest
+
+from rig import Rig
+from rig.guard import GUARD_PATH
+from rig.guard import install as install_loopback_guard
+
+install_loopback_guard()
+os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+os.environ.setdefault("DO_NOT_TRACK", "true")
+
+_RIG_KEY = pytest.StashKey[Rig]()
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "rig: the test uses the rig's servers (added automatically)")
+
+
+def pytest_collection_modifyitems(items):
+    for item in items:
+        if "rig" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.rig)
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    outcome = yield
+    report = outcome.get_result()
+    running_rig = item.config.stash.get(_RIG_KEY, None)
+    if report.failed and running_rig is not None:
+        report.sections.append(("rig server logs (last 40 lines each)", running_rig.log_tail(40)))
+
+
+@pytest.fixture(scope="session")
+def rig(request, tmp_path_factory):
+    """The running Rig, with its environment applied to os.environ for the session."""
+    saved_environ = dict(os.environ)
+    state_path = os.environ.get("AZDUAL_RIG_STATE")
+
+    if state_path:
+        running_rig = Rig.attach(state_path)
+        stopped = [
+            name for name in running_rig.processes if not running_rig.is_server_running(name)
+        ]
+        if stopped:
+            pytest.exit(
+                f"AZDUAL_RIG_STATE={state_path} names a rig whose servers are not running: "
+                f"{', '.join(stopped)}. "
+                "Start it with `python -m rig up` or unset AZDUAL_RIG_STATE.",
+                returncode=1,
+            )
+    else:
+        running_rig = Rig(tmp_path_factory.mktemp("rig")).start()
+
+    request.config.stash[_RIG_KEY] = running_rig
+    running_rig.apply_env()
+    try:
+        yield running_rig
+    finally:
+        del request.config.stash[_RIG_KEY]
+        if not state_path:
+            running_rig.stop()
+        os.environ.clear()
+        os.environ.update(saved_environ)
+
+
+@pytest.fixture
+def subprocess_env(rig):
+    """Environment for a child Python process: the rig's env, with the guard on PYTHONPATH."""
+    python_path = os.pathsep.join(filter(None, [str(GUARD_PATH), os.environ.get("PYTHONPATH")]))
+    return {**os.environ, **rig.env, "PYTHONPATH": python_path}
