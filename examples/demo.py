@@ -167,6 +167,11 @@ def main(argv=None):
 
     experiment_path = f"/Users/{DEMO_USER}/azdual-demo/{arguments.experiment}"
     run_id, _ = train_and_log(experiment_path, arguments.model_name)
+    # The secondary is written in the background; wait for it before reading it back.
+    import mlflow_azdual
+
+    if not mlflow_azdual.flush(timeout_s=120):
+        print("the secondary did not receive every write within 120 s; see the warnings above")
 
     primary = MlflowClient(tracking_uri=rig.primary_uri, registry_uri=rig.primary_uri)
     secondary = MlflowClient(tracking_uri=rig.secondary_uri, registry_uri=rig.secondary_uri)

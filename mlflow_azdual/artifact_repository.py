@@ -1,13 +1,18 @@
 """The dual artifact repository: uploads go to both backends, reads come from the primary.
 
-It serves the ``azdual:`` artifact URIs that the dual tracking store returns. Uploads run on
-both backends in parallel; a primary failure raises, a secondary failure is logged and never
-raised. Listing and downloads read from the primary and fall back to the secondary when the
-primary fails. Files are handed to each backend's own repository, which streams them.
+It serves the ``azdual:`` artifact URIs that the dual tracking store returns. An upload goes
+to the primary synchronously, so its error raises at the call site. The secondary upload is
+queued on the dual tracking store's secondary queue, after the writes that create the run
+or model it belongs to; the files are first copied to a staging folder, because MLflow often
+deletes its temporary folder as soon as ``log_artifact`` returns. A secondary failure is
+logged, never raised. Listing and downloads read from the primary and fall back to the
+secondary when the primary fails.
 """
 
-import concurrent.futures
 import logging
+import os
+import shutil
+import tempfile
 
 from mlflow.store.artifact.artifact_repo import ArtifactRepository
 
@@ -16,6 +21,8 @@ from mlflow_azdual import compat
 from mlflow_azdual.mirror import Mirror
 
 _logger = logging.getLogger(__name__)
+
+STAGING_PREFIX = "mlflow-azdual-upload-"
 
 
 def build_artifact_repository(artifact_uri, tracking_uri=None, registry_uri=None, **_):
@@ -27,69 +34,104 @@ def build_artifact_repository(artifact_uri, tracking_uri=None, registry_uri=None
     return DualArtifactRepository(artifact_uri, tracking_uri=tracking_uri, registry_uri=registry_uri)
 
 
-def _backend_tracking_uris(tracking_uri):
-    """Return the primary and secondary tracking URIs behind an azdual tracking URI, if any."""
+def _dual_tracking_store(tracking_uri):
+    """Return the dual tracking store of ``tracking_uri`` (or the active URI), if it is azdual."""
     if tracking_uri is None:
         import mlflow
 
         tracking_uri = mlflow.get_tracking_uri()
     if not str(tracking_uri).startswith("azdual:"):
-        return None, None
-    from mlflow_azdual.uri import parse_tracking_uri
+        return None
+    from mlflow.tracking._tracking_service.utils import _get_store
 
-    config = parse_tracking_uri(tracking_uri)
-    return config.primary_uri, config.secondary_uri
+    return _get_store(tracking_uri)
 
 
 class DualArtifactRepository(ArtifactRepository):
-    """Artifact repository over the primary and secondary roots of one dual artifact URI."""
+    """Artifact repository over the primary and secondary locations of one dual artifact URI."""
 
     def __init__(self, artifact_uri, tracking_uri=None, registry_uri=None, **_):
         compat.artifact_repository_base_init(self, artifact_uri, tracking_uri, registry_uri)
-        roots = dual_uri.resolve(artifact_uri)
-        primary_tracking_uri, secondary_tracking_uri = _backend_tracking_uris(tracking_uri)
+        self.roots = dual_uri.resolve(artifact_uri)
+        self.store = _dual_tracking_store(tracking_uri)
+        config = self.store.config if self.store is not None else None
 
-        primary_root = roots.primary
-        if primary_tracking_uri:
-            primary_root = compat.add_databricks_profile(primary_root, primary_tracking_uri)
-        self.primary = compat.build_artifact_repository(primary_root, primary_tracking_uri)
-        self.secondary = None
-        if roots.secondary:
-            self.secondary = compat.build_artifact_repository(roots.secondary, secondary_tracking_uri)
-        self.mirror = Mirror(roots.secondary or "secondary artifact store")
+        primary_root = self.roots.primary
+        if config is not None:
+            primary_root = compat.add_databricks_profile(primary_root, config.primary_uri)
+        self.primary = compat.build_artifact_repository(
+            primary_root, config.primary_uri if config else None
+        )
+        self._secondary = None
+        self.mirror = self.store.mirror if self.store is not None else Mirror("secondary")
 
-    def _upload(self, operation, upload_primary, upload_secondary):
-        if self.secondary is None:
-            return upload_primary(self.primary)
-        with concurrent.futures.ThreadPoolExecutor(max_workers=1) as pool:
-            secondary_done = pool.submit(
-                self.mirror.send, operation, None, lambda: upload_secondary(self.secondary)
+    @property
+    def secondary(self):
+        """The secondary repository, resolving a ``mirror_of`` location on first use."""
+        if self._secondary is None:
+            root = self.roots.secondary
+            if root is None and self.roots.mirror_of and self.store is not None:
+                base = self.store.secondary_artifact_root(self.roots.mirror_of)
+                root = dual_uri.join(base, self.roots.sub_path)
+            if root is None:
+                return None
+            config = self.store.config if self.store is not None else None
+            self._secondary = compat.build_artifact_repository(
+                root, config.secondary_uri if config else None
             )
+        return self._secondary
+
+    def _has_secondary(self) -> bool:
+        return bool(self.roots.secondary or self.roots.mirror_of)
+
+    def _mirror_upload(self, operation, local_path, upload):
+        """Queue ``upload(secondary_repository, staged_path)`` on a staged copy of the files."""
+        if not self._has_secondary():
+            return
+        staging = tempfile.mkdtemp(prefix=STAGING_PREFIX)
+        staged = os.path.join(staging, os.path.basename(os.path.normpath(local_path)))
+        if os.path.isdir(local_path):
+            shutil.copytree(local_path, staged)
+        else:
+            shutil.copy2(local_path, staged)
+
+        def send():
             try:
-                return upload_primary(self.primary)
+                return upload(self.secondary, staged)
             finally:
-                secondary_done.result()
+                shutil.rmtree(staging, ignore_errors=True)
+
+        run_id = self.roots.mirror_of.split(":", 1)[1] if self.roots.mirror_of else None
+        if self.store is not None:
+            self.store.enqueue_secondary(operation, run_id, send)
+        else:
+            self.mirror.send(operation, run_id, send)
 
     def log_artifact(self, local_file, artifact_path=None):
-        def upload(repository):
-            return repository.log_artifact(local_file, artifact_path)
-
-        return self._upload("log_artifact", upload, upload)
+        self.primary.log_artifact(local_file, artifact_path)
+        self._mirror_upload(
+            "log_artifact",
+            local_file,
+            lambda repository, staged: repository.log_artifact(staged, artifact_path),
+        )
 
     def log_artifacts(self, local_dir, artifact_path=None):
-        def upload(repository):
-            return repository.log_artifacts(local_dir, artifact_path)
-
-        return self._upload("log_artifacts", upload, upload)
+        self.primary.log_artifacts(local_dir, artifact_path)
+        self._mirror_upload(
+            "log_artifacts",
+            local_dir,
+            lambda repository, staged: repository.log_artifacts(staged, artifact_path),
+        )
 
     def _read(self, operation, read):
         try:
             return read(self.primary)
         except Exception as primary_error:
-            if self.secondary is None:
-                raise
             try:
-                result = read(self.secondary)
+                secondary = self.secondary if self._has_secondary() else None
+                if secondary is None:
+                    raise primary_error
+                result = read(secondary)
             except Exception:
                 # Missing on both sides (MLflow probes optional files this way): the primary's
                 # error is the one the caller expects.
@@ -120,7 +162,13 @@ class DualArtifactRepository(ArtifactRepository):
 
     def delete_artifacts(self, artifact_path=None):
         self.primary.delete_artifacts(artifact_path)
-        if self.secondary is not None:
-            self.mirror.send(
-                "delete_artifacts", None, lambda: self.secondary.delete_artifacts(artifact_path)
-            )
+        if not self._has_secondary():
+            return
+
+        def send():
+            return self.secondary.delete_artifacts(artifact_path)
+
+        if self.store is not None:
+            self.store.enqueue_secondary("delete_artifacts", None, send)
+        else:
+            self.mirror.send("delete_artifacts", None, send)

@@ -1,9 +1,12 @@
-"""The dual artifact URI: both backends' artifact roots in one self-contained ``azdual`` URI.
+"""The dual artifact URI: both backends' artifact locations in one ``azdual`` URI.
 
 Form: ``azdual:/<sub path>?primary_root=<percent-encoded uri>&secondary_root=<...>``. MLflow
 appends sub-paths to the path component (``runs:/<id>/model`` becomes ``.../model``) and keeps
-the query, so the URI still resolves in any process, with no lookup, after any number of
-appends. The sub path is joined to each root when the URI is resolved.
+the query, so the URI resolves in any process, with no lookup, after any number of appends.
+
+While the secondary mirror of a run, experiment or logged model is still being created in the
+background, ``secondary_root`` is replaced by ``mirror_of=run:<primary run id>`` (or
+``experiment:<id>``, ``model:<id>``), which the dual tracking store resolves when it uploads.
 """
 
 import posixpath
@@ -14,27 +17,39 @@ from mlflow_azdual.uri import SCHEME
 
 PRIMARY_ROOT_KEY = "primary_root"
 SECONDARY_ROOT_KEY = "secondary_root"
+MIRROR_OF_KEY = "mirror_of"
+MIRROR_KINDS = ("run", "experiment", "model")
 
 
 class ArtifactRoots(NamedTuple):
-    """The two artifact URIs a dual artifact URI resolves to (the secondary may be None)."""
+    """What a dual artifact URI resolves to.
+
+    ``secondary`` is None when the URI names the mirrored object in ``mirror_of`` instead, or
+    when there is no secondary copy. ``sub_path`` is the path appended after the roots.
+    """
 
     primary: str
     secondary: Optional[str]
+    mirror_of: Optional[str] = None
+    sub_path: str = ""
 
 
 def is_dual_artifact_uri(uri: Optional[str]) -> bool:
     return bool(uri) and uri.split(":", 1)[0].lower() == SCHEME and PRIMARY_ROOT_KEY in uri
 
 
-def make_dual_artifact_uri(primary_root: str, secondary_root: Optional[str]) -> str:
-    """Return the dual URI of two roots, or ``primary_root`` alone when there is no secondary."""
-    if not secondary_root or not primary_root:
+def make_dual_artifact_uri(
+    primary_root: str, secondary_root: Optional[str] = None, mirror_of: Optional[str] = None
+) -> str:
+    """Return the dual URI of two roots (or of a primary root and the object it mirrors)."""
+    if not primary_root or not (secondary_root or mirror_of):
         return primary_root
-    query = urllib.parse.urlencode(
-        {PRIMARY_ROOT_KEY: primary_root, SECONDARY_ROOT_KEY: secondary_root}
-    )
-    return f"{SCHEME}:/?{query}"
+    query = {PRIMARY_ROOT_KEY: primary_root}
+    if secondary_root:
+        query[SECONDARY_ROOT_KEY] = secondary_root
+    else:
+        query[MIRROR_OF_KEY] = mirror_of
+    return f"{SCHEME}:/?{urllib.parse.urlencode(query)}"
 
 
 def resolve(uri: str) -> ArtifactRoots:
@@ -47,11 +62,16 @@ def resolve(uri: str) -> ArtifactRoots:
             f"invalid dual artifact URI {uri!r}: expected "
             f"{SCHEME}:/<path>?{PRIMARY_ROOT_KEY}=<uri>&{SECONDARY_ROOT_KEY}=<uri>"
         )
+    mirror_of = query.get(MIRROR_OF_KEY) or None
+    if mirror_of is not None and mirror_of.split(":", 1)[0] not in MIRROR_KINDS:
+        raise ValueError(f"invalid {MIRROR_OF_KEY}={mirror_of!r} in dual artifact URI {uri!r}")
     sub_path = parsed.path.strip("/")
     secondary_root = query.get(SECONDARY_ROOT_KEY) or None
     return ArtifactRoots(
-        _join(primary_root, sub_path),
-        _join(secondary_root, sub_path) if secondary_root else None,
+        join(primary_root, sub_path),
+        join(secondary_root, sub_path) if secondary_root else None,
+        mirror_of,
+        sub_path,
     )
 
 
@@ -61,11 +81,12 @@ def primary_part(uri: Optional[str]) -> Optional[str]:
 
 
 def secondary_part(uri: Optional[str]) -> Optional[str]:
-    """Return the secondary URI of a dual artifact URI, or None for any other URI."""
+    """Return the secondary URI of a dual artifact URI if it names one, else None."""
     return resolve(uri).secondary if is_dual_artifact_uri(uri) else None
 
 
-def _join(root: str, sub_path: str) -> str:
+def join(root: str, sub_path: str) -> str:
+    """Append ``sub_path`` to an artifact URI or local path."""
     if not sub_path:
         return root
     from mlflow.utils.uri import append_to_uri_path

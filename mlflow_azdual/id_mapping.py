@@ -213,7 +213,19 @@ class IdMapping:
         return mirror
 
     def create_secondary_run(self, primary_run, experiment_id, user_id, start_time, tags, run_name):
-        """Create the mirror of a just-created primary run and record the mapping."""
+        """Create the mirror of a just-created primary run and record the mapping.
+
+        Returns the existing mirror instead if another lookup created it first.
+        """
+        with self._lock:
+            cached = self._runs.get(primary_run.info.run_id)
+            if cached is not None:
+                return cached
+            return self._create_secondary_run(
+                primary_run, experiment_id, user_id, start_time, tags, run_name
+            )
+
+    def _create_secondary_run(self, primary_run, experiment_id, user_id, start_time, tags, run_name):
         from mlflow.entities import RunTag
 
         secondary_experiment_id = self.secondary_experiment_id(experiment_id)

@@ -20,6 +20,20 @@ def _parse_bool(text: str) -> bool:
     raise ValueError(f"expected true or false, got {text!r}")
 
 
+def _positive_float(text: str) -> float:
+    value = float(text)
+    if not value > 0:
+        raise ValueError(f"expected a number greater than 0, got {text!r}")
+    return value
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value <= 0:
+        raise ValueError(f"expected an integer greater than 0, got {text!r}")
+    return value
+
+
 @dataclasses.dataclass(frozen=True)
 class Option:
     """One setting: its query name, type, default and help text."""
@@ -68,6 +82,57 @@ OPTIONS = (
         _parse_bool,
         True,
         "Mirror registered models and model versions to the secondary registry.",
+    ),
+    Option(
+        "flush_interval_s",
+        _positive_float,
+        2.0,
+        "Longest time in seconds a queued write waits before the worker sends it.",
+    ),
+    Option(
+        "flush_threshold_points",
+        _positive_int,
+        25_000,
+        "Queued entities (metric points, params, tags) per backend that make the worker send "
+        "at once, before flush_interval_s has passed.",
+    ),
+    Option(
+        "buffer_capacity_points",
+        _positive_int,
+        50_000,
+        "Entities one backend's queue holds. When it is full the caller blocks until there is "
+        "room (backpressure); nothing is dropped.",
+    ),
+    Option(
+        "backpressure_timeout_s",
+        _positive_float,
+        300.0,
+        "Longest time in seconds a caller blocks on a full queue before MlflowException.",
+    ),
+    Option(
+        "exit_flush_timeout_s",
+        _positive_float,
+        30.0,
+        "Longest time in seconds the interpreter waits at exit to send queued writes; what is "
+        "left is reported with counts.",
+    ),
+    Option(
+        "max_batch_metrics",
+        _positive_int,
+        1000,
+        "Metrics in one log_batch request.",
+    ),
+    Option(
+        "max_batch_params",
+        _positive_int,
+        100,
+        "Params in one log_batch request.",
+    ),
+    Option(
+        "max_batch_tags",
+        _positive_int,
+        100,
+        "Tags in one log_batch request.",
     ),
 )
 

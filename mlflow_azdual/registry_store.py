@@ -76,9 +76,14 @@ class DualRegistryStore(AbstractStore):
         return _get_store(self._tracking_uri)
 
     def _mirror(self, operation, write):
+        """Queue ``write`` on the secondary queue, after the run and artifact writes before it."""
         if not self._config.options["mirror_registry"]:
-            return None
-        return self.mirror.send(operation, None, write)
+            return
+        tracking = self.tracking
+        if hasattr(tracking, "enqueue_secondary"):
+            tracking.enqueue_secondary(operation, None, write)
+        else:
+            self.mirror.send(operation, None, write)
 
     # Version mapping
 
@@ -212,7 +217,7 @@ class DualRegistryStore(AbstractStore):
 
         tracking = self.tracking
         mapping = getattr(tracking, "mapping", None)
-        secondary_run_id = mapping.secondary_run_id(run_id) if (mapping and run_id) else None
+        secondary_run_id = tracking._secondary_run(run_id).run_id if (mapping and run_id) else None
         secondary_model_id = None
         if model_id and mapping is not None:
             secondary_model_id = mapping.secondary_model_id(model_id)
@@ -245,7 +250,11 @@ class DualRegistryStore(AbstractStore):
     def _secondary_source(self, source, run_id, secondary_run_id, model_id, secondary_model_id):
         """Return the secondary's equivalent of a model version source, or None if it has none."""
         if dual_uri.is_dual_artifact_uri(source):
-            return dual_uri.secondary_part(source)
+            roots = dual_uri.resolve(source)
+            if roots.secondary or not roots.mirror_of:
+                return roots.secondary
+            base = self.tracking.secondary_artifact_root(roots.mirror_of)
+            return dual_uri.join(base, roots.sub_path)
         parsed = urllib.parse.urlsplit(source)
         if parsed.scheme == "runs" and secondary_run_id:
             path = parsed.path.lstrip("/").split("/", 1)
@@ -258,8 +267,9 @@ class DualRegistryStore(AbstractStore):
                 return None
             return self.tracking.secondary.get_logged_model(secondary_model_id).artifact_location
         if run_id and secondary_run_id:
-            primary_root = dual_uri.primary_part(self.tracking.get_run(run_id).info.artifact_uri)
-            mirror = self.tracking.mapping.cached_secondary_run(run_id)
+            tracking = self.tracking
+            primary_root = tracking.primary.get_run(run_id).info.artifact_uri
+            mirror = tracking.mapping.cached_secondary_run(run_id)
             if mirror is not None and source.startswith(primary_root):
                 return mirror.artifact_uri + source[len(primary_root):]
         return None
@@ -289,8 +299,9 @@ class DualRegistryStore(AbstractStore):
         return result
 
     def delete_model_version(self, name, version):
-        secondary = self._mirror(
-            "resolve_model_version", lambda: self._secondary_version(name, version)
+        # The mapping tag lives on the primary version, so it is read before the delete.
+        secondary = self.mirror.send(
+            "resolve_model_version", None, lambda: self._secondary_version(name, version)
         )
         self.primary.delete_model_version(name, version)
         self._versions.pop((name, str(version)), None)

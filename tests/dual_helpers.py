@@ -4,6 +4,8 @@ import uuid
 
 from mlflow import MlflowClient
 
+import mlflow_azdual
+
 from mlflow_azdual.id_mapping import (
     PRIMARY_EXPERIMENT_ID_TAG,
     SECONDARY_RUN_ID_TAG,
@@ -28,11 +30,14 @@ def unique_path(leaf: str = "exp") -> str:
 
 
 def secondary_run_id(primary_client, run_id: str) -> str:
+    """Return the id of the run's mirror, once every queued secondary write is sent."""
+    assert mlflow_azdual.flush(timeout_s=120)
     return primary_client.get_run(run_id).data.tags[SECONDARY_RUN_ID_TAG]
 
 
 def secondary_experiment(secondary_client, primary_experiment_id: str):
     """Return the secondary experiment that mirrors ``primary_experiment_id``."""
+    assert mlflow_azdual.flush(timeout_s=120)
     matches = [
         experiment
         for experiment in secondary_client.search_experiments(view_type=3)

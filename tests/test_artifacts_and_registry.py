@@ -11,6 +11,7 @@ from mlflow import MlflowClient
 from sklearn.datasets import load_iris
 from sklearn.linear_model import LogisticRegression
 
+import mlflow_azdual
 from mlflow_azdual.artifact_uri import is_dual_artifact_uri, resolve
 from mlflow_azdual.registry_store import PRIMARY_VERSION_TAG, SECONDARY_VERSION_TAG
 from tests.dual_helpers import backend_clients, dual_tracking_uri, secondary_run_id, unique_path
@@ -45,12 +46,16 @@ def artifact_paths(client, run_id, path=None):
 def test_run_artifact_uri_is_dual(rig, dual):
     mlflow.set_experiment(unique_path())
     with mlflow.start_run() as run:
-        uri = mlflow.get_artifact_uri()
+        early_uri = mlflow.get_artifact_uri()
+    assert mlflow_azdual.flush(timeout_s=60)
+    uri = dual.get_run(run.info.run_id).info.artifact_uri
+
+    assert is_dual_artifact_uri(early_uri)
+    assert resolve(early_uri).secondary or resolve(early_uri).mirror_of == f"run:{run.info.run_id}"
     roots = resolve(uri)
-    assert is_dual_artifact_uri(uri)
     assert roots.primary.startswith("s3://")
     assert roots.secondary.startswith("wasbs://")
-    assert dual.get_run(run.info.run_id).info.artifact_uri == uri
+    assert roots.primary == resolve(early_uri).primary
 
 
 def test_log_artifacts_land_in_both_stores(rig, dual, tmp_path):
@@ -98,6 +103,7 @@ def test_registered_model_version_on_both(rig, dual, iris_model):
 
     with mlflow.start_run():
         info = mlflow.sklearn.log_model(model, name="model", registered_model_name=name)
+    assert mlflow_azdual.flush(timeout_s=120)
 
     primary_version = primary.get_model_version(name, "1")
     secondary_number = primary_version.tags[SECONDARY_VERSION_TAG]
@@ -110,6 +116,7 @@ def test_registered_model_version_on_both(rig, dual, iris_model):
     dual.set_registered_model_alias(name, "champion", "1")
     dual.set_model_version_tag(name, "1", "validated", "true")
     dual.update_model_version(name, "1", description="first model")
+    assert mlflow_azdual.flush(timeout_s=120)
     mirrored = secondary.get_model_version(name, secondary_number)
     assert secondary.get_model_version_by_alias(name, "champion").version == secondary_number
     assert mirrored.tags["validated"] == "true"
@@ -131,6 +138,7 @@ def test_register_model_from_runs_uri(rig, dual, iris_model):
         mlflow.sklearn.log_model(model, name="model")
 
     version = mlflow.register_model(f"runs:/{run.info.run_id}/model", name)
+    assert mlflow_azdual.flush(timeout_s=120)
 
     primary_version = primary.get_model_version(name, version.version)
     mirrored = secondary.get_model_version(name, primary_version.tags[SECONDARY_VERSION_TAG])
@@ -193,6 +201,7 @@ def test_stage_transition_and_model_tags_on_both(rig, dual):
 
     dual.transition_model_version_stage(name, "1", "Staging")
     dual.set_registered_model_tag(name, "domain", "churn")
+    assert mlflow_azdual.flush(timeout_s=120)
     mirrored_number = primary.get_model_version(name, "1").tags[SECONDARY_VERSION_TAG]
     mirrored_model = secondary.get_registered_model(name)
 

@@ -9,6 +9,8 @@ import time
 
 import mlflow
 import pytest
+
+import mlflow_azdual
 from mlflow import MlflowClient
 from mlflow.entities import Metric, Param, RunTag
 from mlflow.exceptions import MlflowException
@@ -132,10 +134,12 @@ def test_delete_and_restore_run_on_both(rig, dual):
     mirror_id = secondary_run_id(primary, run.info.run_id)
 
     dual.delete_run(run.info.run_id)
+    assert mlflow_azdual.flush(timeout_s=60)
     assert primary.get_run(run.info.run_id).info.lifecycle_stage == "deleted"
     assert secondary.get_run(mirror_id).info.lifecycle_stage == "deleted"
 
     dual.restore_run(run.info.run_id)
+    assert mlflow_azdual.flush(timeout_s=60)
     assert primary.get_run(run.info.run_id).info.lifecycle_stage == "active"
     assert secondary.get_run(mirror_id).info.lifecycle_stage == "active"
 
@@ -146,8 +150,10 @@ def test_delete_and_restore_experiment_on_both(rig, dual):
     mirrored = secondary_experiment(secondary, experiment_id)
 
     dual.delete_experiment(experiment_id)
+    assert mlflow_azdual.flush(timeout_s=60)
     assert secondary.get_experiment(mirrored.experiment_id).lifecycle_stage == "deleted"
     dual.restore_experiment(experiment_id)
+    assert mlflow_azdual.flush(timeout_s=60)
     assert secondary.get_experiment(mirrored.experiment_id).lifecycle_stage == "active"
 
 
@@ -267,22 +273,25 @@ def test_secondary_down_mid_run(rig, dual, caplog):
     try:
         with mlflow.start_run() as run:
             mlflow.log_metric("loss", 1.0, step=0)
+            assert mlflow_azdual.flush(timeout_s=60)
             rig.stop_server("secondary")
             started = time.monotonic()
             for step in range(1, 4):
                 mlflow.log_metric("loss", 1.0 / (step + 1), step=step)
             mlflow.log_param("after_outage", "yes")
-            elapsed_s = time.monotonic() - started
+            caller_s = time.monotonic() - started
+        assert mlflow_azdual.flush(timeout_s=120)
     finally:
         rig.start_server("secondary")
 
     assert len(metric_points(primary, run.info.run_id, "loss")) == 4
     assert primary.get_run(run.info.run_id).data.params == {"after_outage": "yes"}
     assert primary.get_run(run.info.run_id).info.status == "FINISHED"
-    failures = [r for r in caplog.records if "secondary write failed" in r.getMessage()]
+    failures = [r.getMessage() for r in caplog.records if "secondary write failed" in r.getMessage()]
     assert failures, "expected a WARNING for the failed secondary write"
-    assert run.info.run_id in failures[0].getMessage()
-    assert "operation=log_metric" in failures[0].getMessage()
-    assert elapsed_s < 60
+    assert f"run_id={run.info.run_id}" in failures[0]
+    assert "operation=log_batch" in failures[0]
+    # The caller never waits for the secondary: its writes are queued.
+    assert caller_s < 5
     mirror_id = secondary_run_id(primary, run.info.run_id)
     assert [point[0] for point in metric_points(secondary, mirror_id, "loss")] == [0]
