@@ -1,8 +1,10 @@
 """The dual artifact URI: both backends' artifact locations in one ``azdual`` URI.
 
-Form: ``azdual:/<sub path>?primary_root=<percent-encoded uri>&secondary_root=<...>``. MLflow
-appends sub-paths to the path component (``runs:/<id>/model`` becomes ``.../model``) and keeps
-the query, so the URI resolves in any process, with no lookup, after any number of appends.
+Form: ``azdual://primary_root=<percent-encoded uri>;secondary_root=<...>/<sub path>``. The two
+roots sit in the authority part, so a sub-path added in any of the ways MLflow code and users
+add one (``append_to_uri_path``, ``runs:/<id>/model``, ``posixpath.join``, or plain
+``artifact_uri + "/model"``) lands in the path, and the URI resolves in any process with no
+lookup.
 
 While the secondary mirror of a run, experiment or logged model is still being created in the
 background, ``secondary_root`` is replaced by ``mirror_of=run:<primary run id>`` (or
@@ -35,7 +37,9 @@ class ArtifactRoots(NamedTuple):
 
 
 def is_dual_artifact_uri(uri: Optional[str]) -> bool:
-    return bool(uri) and uri.split(":", 1)[0].lower() == SCHEME and PRIMARY_ROOT_KEY in uri
+    if not uri or uri.split(":", 1)[0].lower() != SCHEME:
+        return False
+    return urllib.parse.urlsplit(uri).netloc.startswith(PRIMARY_ROOT_KEY + "=")
 
 
 def make_dual_artifact_uri(
@@ -44,29 +48,33 @@ def make_dual_artifact_uri(
     """Return the dual URI of two roots (or of a primary root and the object it mirrors)."""
     if not primary_root or not (secondary_root or mirror_of):
         return primary_root
-    query = {PRIMARY_ROOT_KEY: primary_root}
+    fields = [(PRIMARY_ROOT_KEY, primary_root)]
     if secondary_root:
-        query[SECONDARY_ROOT_KEY] = secondary_root
+        fields.append((SECONDARY_ROOT_KEY, secondary_root))
     else:
-        query[MIRROR_OF_KEY] = mirror_of
-    return f"{SCHEME}:/?{urllib.parse.urlencode(query)}"
+        fields.append((MIRROR_OF_KEY, mirror_of))
+    authority = ";".join(f"{key}={urllib.parse.quote(value, safe='')}" for key, value in fields)
+    return f"{SCHEME}://{authority}/"
 
 
 def resolve(uri: str) -> ArtifactRoots:
     """Return the primary and secondary artifact URIs that a dual artifact URI stands for."""
     parsed = urllib.parse.urlsplit(uri)
-    query = dict(urllib.parse.parse_qsl(parsed.query, keep_blank_values=True))
-    primary_root = query.get(PRIMARY_ROOT_KEY)
+    fields = {}
+    for field in parsed.netloc.split(";"):
+        key, _, value = field.partition("=")
+        fields[key] = urllib.parse.unquote(value)
+    primary_root = fields.get(PRIMARY_ROOT_KEY)
     if parsed.scheme.lower() != SCHEME or not primary_root:
         raise ValueError(
             f"invalid dual artifact URI {uri!r}: expected "
-            f"{SCHEME}:/<path>?{PRIMARY_ROOT_KEY}=<uri>&{SECONDARY_ROOT_KEY}=<uri>"
+            f"{SCHEME}://{PRIMARY_ROOT_KEY}=<uri>;{SECONDARY_ROOT_KEY}=<uri>/<path>"
         )
-    mirror_of = query.get(MIRROR_OF_KEY) or None
+    mirror_of = fields.get(MIRROR_OF_KEY) or None
     if mirror_of is not None and mirror_of.split(":", 1)[0] not in MIRROR_KINDS:
         raise ValueError(f"invalid {MIRROR_OF_KEY}={mirror_of!r} in dual artifact URI {uri!r}")
     sub_path = parsed.path.strip("/")
-    secondary_root = query.get(SECONDARY_ROOT_KEY) or None
+    secondary_root = fields.get(SECONDARY_ROOT_KEY) or None
     return ArtifactRoots(
         join(primary_root, sub_path),
         join(secondary_root, sub_path) if secondary_root else None,

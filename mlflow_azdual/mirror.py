@@ -7,8 +7,10 @@ Writes run on the caller's thread, in call order.
 """
 
 import logging
+import os
 import threading
 import time
+import weakref
 from collections import Counter
 from typing import Callable, Optional
 
@@ -27,6 +29,7 @@ class Mirror:
         self.failures = Counter()
         self.unsupported = Counter()
         self._lock = threading.Lock()
+        _mirrors.add(self)
         self._last_warning_s = {}
         self._suppressed = Counter()
 
@@ -66,6 +69,18 @@ class Mirror:
             "operation=%s run_id=%s error=%s%s",
             self.backend, operation, run_id or "-", _describe(error), repeats,
         )
+
+
+_mirrors = weakref.WeakSet()
+
+
+def _new_locks_after_fork():
+    for mirror in list(_mirrors):
+        mirror._lock = threading.Lock()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_new_locks_after_fork)
 
 
 def _describe(error: Exception) -> str:

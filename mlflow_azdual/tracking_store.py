@@ -17,6 +17,7 @@ Methods that need no translation are generated from the tables in ``routing``.
 import atexit
 import copy
 import logging
+import os
 import threading
 import weakref
 
@@ -83,12 +84,7 @@ class DualTrackingStore(AbstractStore):
             backpressure_timeout_s=options["backpressure_timeout_s"],
         )
         self.primary_queue = WriteQueue("primary", self._send_primary_batch, **queue_options)
-        self.secondary_queue = WriteQueue(
-            "secondary",
-            self._send_secondary_batch,
-            prepare_window=self._prepare_secondary_window,
-            **queue_options,
-        )
+        self.secondary_queue = WriteQueue("secondary", self._send_secondary_batch, **queue_options)
         super().__init__()
         _stores.add(self)
         _register_exit_handler()
@@ -247,23 +243,14 @@ class DualTrackingStore(AbstractStore):
             self._copied_through_seq[run_id] = horizon
         return mirror
 
-    def _prepare_secondary_window(self, window):
-        """Resolve the mirrors of the window's runs, dropping writes their copies already hold."""
-        for run_id in {write.run_id for write in window if write.call is None}:
-            mirror = self.mirror.send("resolve_run", run_id, lambda: self._secondary_run(run_id))
-            if mirror is None:
-                self._copied_through_seq[run_id] = max(
-                    write.seq for write in window if write.run_id == run_id
-                )
-        return [
-            write
-            for write in window
-            if write.call is not None or write.seq > self._copied_through_seq.get(write.run_id, 0)
-        ]
-
     def _send_secondary_batch(self, batch):
         def send():
-            mirror = self.mapping.cached_secondary_run(batch.run_id)
+            mirror = self._secondary_run(batch.run_id)
+            # NOTE: a batch that straddles the point where the run was copied from the primary
+            # is sent whole; its earlier items are duplicates, which MLflow's stores ignore
+            # for identical metrics, params and tags.
+            if batch.last_seq <= self._copied_through_seq.get(batch.run_id, 0):
+                return None
             return self.secondary.log_batch(
                 mirror.run_id,
                 [self._translate_metric(metric) for metric in batch.metrics],
@@ -472,7 +459,20 @@ class DualTrackingStore(AbstractStore):
         self._enqueue_run_write("restore_run", run_id, lambda sid: self.secondary.restore_run(sid))
 
     def log_metric(self, run_id, metric):
-        self.log_batch(run_id, [metric], [], [])
+        from mlflow.utils.validation import _validate_metric
+
+        # The same check, and so the same message, as the server's LogMetric endpoint.
+        _validate_metric(metric.key, metric.value, metric.timestamp, metric.step)
+        self._queue_metrics(run_id, (metric,))
+
+    def _queue_metrics(self, run_id, metrics, params=(), tags=()):
+        write = Write(next_seq(), run_id, tuple(metrics), tuple(params), tuple(tags))
+        # The secondary's queue is the one that fills when a backend stalls, so it is asked
+        # first: a call that times out there has queued nothing for either backend.
+        # NOTE: if the primary's queue is the full one, the secondary keeps the rejected call.
+        self._submit(self.secondary_queue, write)
+        if metrics:
+            self._submit(self.primary_queue, Write(write.seq, run_id, write.metrics))
 
     def log_param(self, run_id, param):
         self.flush_primary(run_id)
@@ -497,11 +497,7 @@ class DualTrackingStore(AbstractStore):
         if params or tags:
             self.flush_primary(run_id)
             self.primary.log_batch(run_id, [], params, tags)
-
-        write = Write(next_seq(), run_id, tuple(metrics), tuple(params), tuple(tags))
-        if metrics:
-            self._submit(self.primary_queue, Write(write.seq, run_id, write.metrics))
-        self._submit(self.secondary_queue, write)
+        self._queue_metrics(run_id, metrics, params, tags)
 
     def log_inputs(self, run_id, datasets=None, models=None):
         # MLflow 2.x stores take no ``models`` argument, so it is passed only when given.
@@ -665,6 +661,15 @@ def flush(timeout_s=None) -> bool:
         remaining = None if deadline is None else max(deadline - time.monotonic(), 0)
         done = store.flush(timeout_s=remaining) and done
     return done
+
+
+def _new_locks_after_fork():
+    for store in list(_stores):
+        store._build_lock = threading.Lock()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_new_locks_after_fork)
 
 
 def _register_exit_handler():

@@ -46,11 +46,9 @@ class WriteQueue:
         flush_interval_s: float,
         flush_threshold_points: int,
         backpressure_timeout_s: float,
-        prepare_window: Optional[Callable[[list], list]] = None,
     ):
         self.backend = backend
         self._send_batch = send_batch
-        self._prepare_window = prepare_window
         self.limits = limits
         self.capacity_points = capacity_points
         self.flush_interval_s = flush_interval_s
@@ -81,7 +79,7 @@ class WriteQueue:
             self._reset()
         with self._lock:
             size = write.size
-            if self._pending_points and self._pending_points + size > self.capacity_points:
+            if self._used_points() and self._used_points() + size > self.capacity_points:
                 self._wait_for_room(size)
             if not write.enqueued_s:
                 write.enqueued_s = time.monotonic()
@@ -99,12 +97,12 @@ class WriteQueue:
         deadline = time.monotonic() + self.backpressure_timeout_s
         self._flush_seq = max(self._flush_seq, self._last_submitted_seq)
         self._changed.notify_all()
-        while self._pending_points and self._pending_points + size > self.capacity_points:
+        while self._used_points() and self._used_points() + size > self.capacity_points:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 raise QueueFullError(
                     f"the {self.backend} write queue stayed full "
-                    f"({self._pending_points} of {self.capacity_points} entities) for "
+                    f"({self._used_points()} of {self.capacity_points} entities) for "
                     f"{self.backpressure_timeout_s:g} s because the {self.backend} backend is "
                     "not accepting writes. Nothing queued was dropped. Check that backend, or "
                     "raise buffer_capacity_points or backpressure_timeout_s."
@@ -139,9 +137,14 @@ class WriteQueue:
             self._flush_seq = max(self._flush_seq, self._last_submitted_seq)
             self._changed.notify_all()
 
+    def _used_points(self) -> int:
+        # Entities being sent still hold memory, so they count against the capacity.
+        return self._pending_points + self._in_flight
+
     @property
     def pending_points(self) -> int:
-        return self._pending_points + self._in_flight
+        """Entities queued or being sent."""
+        return self._used_points()
 
     # Worker side
 
@@ -195,8 +198,6 @@ class WriteQueue:
                 self._changed.notify_all()
 
     def _send_window(self, window: list) -> None:
-        if self._prepare_window is not None:
-            window = self._prepare_window(window)
         for request in coalesce(window, self.limits):
             try:
                 if isinstance(request, Batch):
@@ -215,6 +216,13 @@ def _reset_all_after_fork() -> None:
     # The parent's queued writes stay with the parent: each queue in the child starts empty.
     for queue in list(_queues):
         queue._reset()
+    # MLflow caches its HTTP sessions; a child must not share the parent's keep-alive sockets.
+    try:
+        from mlflow.utils import rest_utils
+
+        rest_utils._get_request_session.cache_clear()
+    except (ImportError, AttributeError):
+        pass
 
 
 def all_queues():

@@ -1,5 +1,7 @@
 """Dual artifact URIs survive MLflow's own path handling and resolve to both roots."""
 
+import posixpath
+
 from mlflow.tracking.artifact_utils import _get_root_uri_and_artifact_path
 from mlflow.utils.uri import append_to_uri_path
 
@@ -34,6 +36,27 @@ def test_download_split_keeps_roots():
     root, artifact_path = _get_root_uri_and_artifact_path(uri)
     assert artifact_path == "MLmodel"
     assert resolve(root)[:2] == (PRIMARY + "/model", SECONDARY + "/model")
+
+
+def test_string_concatenation_reaches_both_roots():
+    uri = make_dual_artifact_uri(PRIMARY, SECONDARY).rstrip("/") + "/model/MLmodel"
+    assert resolve(uri)[:2] == (PRIMARY + "/model/MLmodel", SECONDARY + "/model/MLmodel")
+    joined = posixpath.join(make_dual_artifact_uri(PRIMARY, SECONDARY), "model")
+    assert resolve(joined)[:2] == (PRIMARY + "/model", SECONDARY + "/model")
+
+
+def test_deferred_mirror_form():
+    uri = append_to_uri_path(make_dual_artifact_uri(PRIMARY, mirror_of="run:abc"), "model")
+    roots = resolve(uri)
+    assert roots.primary == PRIMARY + "/model"
+    assert roots.secondary is None
+    assert roots.mirror_of == "run:abc"
+    assert roots.sub_path == "model"
+
+
+def test_tracking_uri_is_not_an_artifact_uri():
+    assert not is_dual_artifact_uri("azdual://westeurope.api.azureml.ms/mlflow/v1.0/x")
+    assert not is_dual_artifact_uri("s3://bucket/path")
 
 
 def test_local_roots_join_as_paths():

@@ -156,6 +156,7 @@ def test_download_falls_back_to_secondary(rig, dual, tmp_path, caplog):
     mlflow.set_experiment(unique_path())
     with mlflow.start_run() as run:
         mlflow.log_artifact(str(tmp_path / "weights.bin"))
+    assert mlflow_azdual.flush(timeout_s=60)
     primary_root = resolve(dual.get_run(run.info.run_id).info.artifact_uri).primary
     bucket, prefix = primary_root[len("s3://"):].split("/", 1)
     s3 = boto3.client("s3", endpoint_url=rig.s3_endpoint_url)

@@ -17,7 +17,7 @@ from mlflow.tracking._tracking_service.utils import _get_store
 from mlflow.tracking._model_registry.utils import _get_store as _get_registry_store
 from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
 uri = mlflow.get_tracking_uri()
-artifact_uri = "azdual:/model?primary_root=%2Ftmp%2Fp&secondary_root=%2Ftmp%2Fs"
+artifact_uri = "azdual://primary_root=%2Ftmp%2Fp;secondary_root=%2Ftmp%2Fs/model"
 print(json.dumps({
     "tracking": type(_get_store()).__module__ + "." + type(_get_store()).__name__,
     "registry": type(_get_registry_store()).__module__ + "." + type(_get_registry_store()).__name__,
