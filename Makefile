@@ -43,4 +43,5 @@ rig-down:
 
 # The test session starts its own rig in a temporary folder and stops it at the end.
 test: install
+	$(BIN)/ruff check --quiet --select F,E9 mlflow_azdual tests rig examples benchmarks
 	$(BIN)/python -m pytest -p no:cacheprovider --timeout=600 -q $(PYTEST_ARGS) tests

@@ -24,7 +24,7 @@ MIRROR_KINDS = ("run", "experiment", "model")
 
 
 class ArtifactRoots(NamedTuple):
-    """What a dual artifact URI resolves to.
+    """The locations a dual artifact URI resolves to.
 
     ``secondary`` is None when the URI names the mirrored object in ``mirror_of`` instead, or
     when there is no secondary copy. ``sub_path`` is the path appended after the roots.

@@ -24,7 +24,7 @@ class BatchLimits:
 class Write:
     """One queued write: metrics, params and tags of a run, or a ``call`` run on its own.
 
-    Slotted, because a full queue holds ``buffer_capacity_points`` of them.
+    Slotted, because a full queue contains ``buffer_capacity_points`` of them.
     """
 
     __slots__ = ("seq", "run_id", "metrics", "params", "tags", "call", "operation", "enqueued_s")

@@ -2,7 +2,7 @@
 
 Databricks names are workspace paths such as ``/Users/ana@example.com/churn/baseline``; Azure
 ML names cannot contain ``/``. The default name is the last path segment, sanitised. Two
-different paths that map to the same name are told apart by ``disambiguate``, which appends a
+different paths that map to the same name are distinguished by ``disambiguate``. It appends a
 hash of the full path, so the same path always gets the same name.
 """
 

@@ -9,12 +9,11 @@ status). Lookups are serialised by one lock, so one process never creates two mi
 
 import dataclasses
 import logging
-import os
 import threading
-import weakref
 from typing import Optional
 
 from mlflow_azdual.experiment_names import disambiguate, secondary_experiment_name
+from mlflow_azdual.forking import renew_after_fork
 
 _logger = logging.getLogger(__name__)
 
@@ -54,7 +53,7 @@ class IdMapping:
         self._secondary = secondary
         self._template = experiment_name_template
         self._lock = threading.RLock()
-        _mappings.add(self)
+        renew_after_fork(self, "_lock", threading.RLock)
         self._experiments = {}
         self._runs = {}
         self._models = {}
@@ -304,19 +303,6 @@ class IdMapping:
             if secondary_id:
                 self._models[primary_model_id] = secondary_id
             return secondary_id
-
-
-_mappings = weakref.WeakSet()
-
-
-def _new_locks_after_fork():
-    # A lock held by a parent thread at fork time would stay held forever in the child.
-    for mapping in list(_mappings):
-        mapping._lock = threading.RLock()
-
-
-if hasattr(os, "register_at_fork"):
-    os.register_at_fork(after_in_child=_new_locks_after_fork)
 
 
 def _without_own_tags(tags):

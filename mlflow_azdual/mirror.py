@@ -1,19 +1,18 @@
 """Send writes to the secondary backend without ever failing the user's call.
 
 ``Mirror.send`` runs one secondary write and returns its result, or None when it failed. A
-failure is logged as a WARNING naming the backend, the operation and the run id, and counted;
-repeats of the same operation within ``WARNING_INTERVAL_S`` are counted but not logged again.
+failure is logged as a WARNING naming the backend, the operation and the run id, and counted.
+Repeats of the same operation within ``WARNING_INTERVAL_S`` are counted but not logged again.
 Writes run on the caller's thread, in call order.
 """
 
 import logging
-import os
 import threading
 import time
-import weakref
 from collections import Counter
 from typing import Callable, Optional
 
+from mlflow_azdual.forking import renew_after_fork
 from mlflow_azdual.uri import redact_uri
 
 _logger = logging.getLogger(__name__)
@@ -29,7 +28,7 @@ class Mirror:
         self.failures = Counter()
         self.unsupported = Counter()
         self._lock = threading.Lock()
-        _mirrors.add(self)
+        renew_after_fork(self, "_lock")
         self._last_warning_s = {}
         self._suppressed = Counter()
 
@@ -69,18 +68,6 @@ class Mirror:
             "operation=%s run_id=%s error=%s%s",
             self.backend, operation, run_id or "-", _describe(error), repeats,
         )
-
-
-_mirrors = weakref.WeakSet()
-
-
-def _new_locks_after_fork():
-    for mirror in list(_mirrors):
-        mirror._lock = threading.Lock()
-
-
-if hasattr(os, "register_at_fork"):
-    os.register_at_fork(after_in_child=_new_locks_after_fork)
 
 
 def _describe(error: Exception) -> str:

@@ -87,7 +87,7 @@ OPTIONS = (
         "flush_interval_s",
         _positive_float,
         2.0,
-        "Longest time in seconds a queued write waits before the worker sends it.",
+        "Maximum time in seconds a queued write waits before the worker sends it.",
     ),
     Option(
         "flush_threshold_points",
@@ -107,13 +107,13 @@ OPTIONS = (
         "backpressure_timeout_s",
         _positive_float,
         300.0,
-        "Longest time in seconds a caller blocks on a full queue before MlflowException.",
+        "Maximum time in seconds a caller blocks on a full queue before MlflowException.",
     ),
     Option(
         "exit_flush_timeout_s",
         _positive_float,
         30.0,
-        "Longest time in seconds the interpreter waits at exit to send queued writes; what is "
+        "Maximum time in seconds the interpreter waits at exit to send queued writes; what is "
         "left is reported with counts.",
     ),
     Option(

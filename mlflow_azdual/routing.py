@@ -1,4 +1,4 @@
-"""Which tracking and registry store methods are mirrored, read from the primary, or kept there.
+"""Routing tables: which store methods are read from the primary or written to the primary only.
 
 Every public method of MLflow's stores, in every supported version, is named in exactly one
 table here or implemented by hand in the dual store. ``tests/test_routing.py`` lists the

@@ -1,7 +1,7 @@
 """The dual tracking store: writes go to the primary and, in the background, to the secondary.
 
 The primary (Databricks) is the source of truth. Metrics are validated at the call site with
-MLflow's own validation and queued for the primary; every other primary write is synchronous,
+MLflow's own validation and queued for the primary. Every other primary write is synchronous,
 so its error raises at the call site exactly as with the primary alone, and is not mirrored.
 Every secondary (Azure ML) write goes through the secondary's FIFO queue, with ids translated
 through ``IdMapping`` by the worker; a secondary failure is logged, never raised.
@@ -17,7 +17,6 @@ Methods that need no translation are generated from the tables in ``routing``.
 import atexit
 import copy
 import logging
-import os
 import threading
 import weakref
 
@@ -26,6 +25,7 @@ from mlflow.store.tracking.abstract_store import AbstractStore
 from mlflow_azdual import artifact_uri as dual_uri
 from mlflow_azdual import compat, routing
 from mlflow_azdual.coalesce import BatchLimits, Write
+from mlflow_azdual.forking import renew_after_fork
 from mlflow_azdual.id_mapping import (
     PRIMARY_MODEL_ID_TAG,
     SECONDARY_MODEL_ID_TAG,
@@ -59,6 +59,7 @@ class DualTrackingStore(AbstractStore):
         self._config = parse_tracking_uri(store_uri)
         self.store_uri = store_uri
         self._build_lock = threading.Lock()
+        renew_after_fork(self, "_build_lock")
         self._primary = None
         self._secondary = None
         self._mapping = None
@@ -247,8 +248,8 @@ class DualTrackingStore(AbstractStore):
         def send():
             mirror = self._secondary_run(batch.run_id)
             # NOTE: a batch that straddles the point where the run was copied from the primary
-            # is sent whole; its earlier items are duplicates, which MLflow's stores ignore
-            # for identical metrics, params and tags.
+            # is sent whole. Its earlier items are then duplicates, which MLflow's stores
+            # ignore for identical metrics, params and tags.
             if batch.last_seq <= self._copied_through_seq.get(batch.run_id, 0):
                 return None
             return self.secondary.log_batch(
@@ -661,15 +662,6 @@ def flush(timeout_s=None) -> bool:
         remaining = None if deadline is None else max(deadline - time.monotonic(), 0)
         done = store.flush(timeout_s=remaining) and done
     return done
-
-
-def _new_locks_after_fork():
-    for store in list(_stores):
-        store._build_lock = threading.Lock()
-
-
-if hasattr(os, "register_at_fork"):
-    os.register_at_fork(after_in_child=_new_locks_after_fork)
 
 
 def _register_exit_handler():

@@ -143,7 +143,9 @@ def parse_tracking_uri(uri: str, environ: Optional[Mapping[str, str]] = None) ->
     try:
         parsed = urllib.parse.urlsplit(uri)
     except ValueError as error:
-        raise _invalid(f"Invalid azdual tracking URI: {error}. Check the brackets and ports.")
+        raise _invalid(
+            f"Invalid azdual tracking URI: {error}. Check the brackets and ports."
+        ) from None
     if parsed.scheme.lower() != SCHEME:
         raise _invalid(
             f"Invalid azdual tracking URI {redact_uri(uri)!r}: the scheme must be 'azdual'."

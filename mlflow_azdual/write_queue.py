@@ -1,7 +1,7 @@
 """A bounded FIFO of writes for one backend, drained in order by one background worker.
 
 Callers ``submit`` writes and return at once; the worker takes everything queued, merges it
-with ``coalesce`` and sends it. It sends when the queue holds ``flush_threshold_points``
+with ``coalesce`` and sends it. It sends when the queue contains ``flush_threshold_points``
 entities, when its oldest write is ``flush_interval_s`` old, or when a caller asks for a
 flush. A full queue blocks the caller for at most ``backpressure_timeout_s``, then raises; a
 write is never dropped from the queue. Thread-safe. After ``os.fork`` the child gets an empty

@@ -79,3 +79,19 @@ def subprocess_env(rig):
     """Environment for a child Python process: the rig's env, with the guard on PYTHONPATH."""
     python_path = os.pathsep.join(filter(None, [str(GUARD_PATH), os.environ.get("PYTHONPATH")]))
     return {**os.environ, **rig.env, "PYTHONPATH": python_path}
+
+
+@pytest.fixture
+def dual(rig):
+    """An MlflowClient on the azdual URI of the rig, also set as MLflow's active URIs."""
+    import mlflow
+    from mlflow import MlflowClient
+
+    from mlflow_azdual.uri import explicit_tracking_uri
+
+    uri = explicit_tracking_uri(rig.primary_uri, rig.secondary_uri)
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_registry_uri(uri)
+    yield MlflowClient(tracking_uri=uri, registry_uri=uri)
+    while mlflow.active_run():
+        mlflow.end_run()

@@ -7,24 +7,13 @@ Databricks and Azure ML keep them in their own cloud storage.
 import mlflow
 import numpy as np
 import pytest
-from mlflow import MlflowClient
 from sklearn.datasets import load_iris
 from sklearn.linear_model import LogisticRegression
 
 import mlflow_azdual
 from mlflow_azdual.artifact_uri import is_dual_artifact_uri, resolve
 from mlflow_azdual.registry_store import PRIMARY_VERSION_TAG, SECONDARY_VERSION_TAG
-from tests.dual_helpers import backend_clients, dual_tracking_uri, secondary_run_id, unique_path
-
-
-@pytest.fixture
-def dual(rig):
-    uri = dual_tracking_uri(rig)
-    mlflow.set_tracking_uri(uri)
-    mlflow.set_registry_uri(uri)
-    yield MlflowClient(tracking_uri=uri, registry_uri=uri)
-    while mlflow.active_run():
-        mlflow.end_run()
+from tests.dual_helpers import backend_clients, secondary_run_id, unique_path
 
 
 @pytest.fixture(scope="module")

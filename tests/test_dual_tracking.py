@@ -11,7 +11,6 @@ import mlflow
 import pytest
 
 import mlflow_azdual
-from mlflow import MlflowClient
 from mlflow.entities import Metric, Param, RunTag
 from mlflow.exceptions import MlflowException
 
@@ -30,16 +29,6 @@ from tests.dual_helpers import (
     unique_path,
     user_tags,
 )
-
-
-@pytest.fixture
-def dual(rig):
-    uri = dual_tracking_uri(rig)
-    mlflow.set_tracking_uri(uri)
-    mlflow.set_registry_uri(uri)
-    yield MlflowClient(tracking_uri=uri, registry_uri=uri)
-    while mlflow.active_run():
-        mlflow.end_run()
 
 
 def test_fluent_run_lands_on_both(rig, dual):

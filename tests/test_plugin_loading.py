@@ -49,3 +49,20 @@ def test_entry_points_load_in_fresh_process(tmp_path):
     assert stores["tracking"] == "mlflow_azdual.tracking_store.DualTrackingStore"
     assert stores["registry"] == "mlflow_azdual.registry_store.DualRegistryStore"
     assert stores["artifacts"] == "DualArtifactRepository"
+
+
+def test_store_module_imported_before_mlflow(tmp_path):
+    script = (
+        "import warnings\n"
+        "warnings.simplefilter('error', UserWarning)\n"
+        "import mlflow_azdual.tracking_store\n"
+        "from mlflow.tracking._tracking_service.utils import _tracking_store_registry\n"
+        "print(_tracking_store_registry.get_store_builder('azdual:').__module__)\n"
+    )
+    completed = subprocess.run(
+        [sys.executable, "-c", script],
+        env={**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true", "DO_NOT_TRACK": "true"},
+        capture_output=True, text=True, timeout=120,
+    )
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    assert completed.stdout.strip() == "mlflow_azdual.entry_points"
