@@ -23,7 +23,7 @@ import weakref
 from mlflow.store.tracking.abstract_store import AbstractStore
 
 from mlflow_azdual import artifact_uri as dual_uri
-from mlflow_azdual import compat, routing
+from mlflow_azdual import compat, rest_batch, routing
 from mlflow_azdual.coalesce import BatchLimits, Write
 from mlflow_azdual.forking import renew_after_fork
 from mlflow_azdual.id_mapping import (
@@ -177,7 +177,7 @@ class DualTrackingStore(AbstractStore):
 
     def _send_primary_batch(self, batch):
         try:
-            self.primary.log_batch(batch.run_id, batch.metrics, batch.params, batch.tags)
+            rest_batch.log_batch(self.primary, batch.run_id, batch.metrics, batch.params, batch.tags)
         except Exception as error:  # noqa: BLE001 - raised to the caller at the next flush.
             _logger.error(
                 "mlflow-azdual: primary rejected %d queued metric points of run %s: %s",
@@ -252,7 +252,8 @@ class DualTrackingStore(AbstractStore):
             # ignore for identical metrics, params and tags.
             if batch.last_seq <= self._copied_through_seq.get(batch.run_id, 0):
                 return None
-            return self.secondary.log_batch(
+            return rest_batch.log_batch(
+                self.secondary,
                 mirror.run_id,
                 [self._translate_metric(metric) for metric in batch.metrics],
                 batch.params,
