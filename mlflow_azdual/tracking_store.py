@@ -60,6 +60,8 @@ class DualTrackingStore(AbstractStore):
         self.store_uri = store_uri
         self._build_lock = threading.Lock()
         renew_after_fork(self, "_build_lock")
+        self._order_lock = threading.Lock()
+        renew_after_fork(self, "_order_lock")
         self._primary = None
         self._secondary = None
         self._mapping = None
@@ -236,8 +238,9 @@ class DualTrackingStore(AbstractStore):
         cached = self.mapping.cached_secondary_run(run_id)
         if cached is not None:
             return cached
-        horizon = next_seq()
-        # The copy is read from the primary, so it must hold every write queued before it.
+        with self._order_lock:
+            horizon = next_seq()
+        # The copy is read from the primary, so it must hold every write numbered before it.
         self.primary_queue.flush()
         mirror = self.mapping.secondary_run(run_id)
         if mirror.backfilled:
@@ -468,13 +471,28 @@ class DualTrackingStore(AbstractStore):
         self._queue_metrics(run_id, (metric,))
 
     def _queue_metrics(self, run_id, metrics, params=(), tags=()):
-        write = Write(next_seq(), run_id, tuple(metrics), tuple(params), tuple(tags))
-        # The secondary's queue is the one that fills when a backend stalls, so it is asked
-        # first: a call that times out there has queued nothing for either backend.
-        # NOTE: if the primary's queue is the full one, the secondary keeps the rejected call.
-        self._submit(self.secondary_queue, write)
+        metrics, params, tags = tuple(metrics), tuple(params), tuple(tags)
+        # Room is reserved in both queues first, so a call that times out queues nothing.
+        self._reserve(self.secondary_queue, len(metrics) + len(params) + len(tags))
         if metrics:
-            self._submit(self.primary_queue, Write(write.seq, run_id, write.metrics))
+            self._reserve(self.primary_queue, len(metrics))
+
+        # A sequence number is taken and the primary queued under one lock, so that a copy of
+        # the run read from the primary (``_secondary_run``) holds every write numbered before
+        # its horizon.
+        with self._order_lock:
+            write = Write(next_seq(), run_id, metrics, params, tags)
+            if metrics:
+                self.primary_queue.submit(Write(write.seq, run_id, metrics), wait_for_room=False)
+        self.secondary_queue.submit(write, wait_for_room=False)
+
+    def _reserve(self, queue, size):
+        try:
+            queue.reserve(size or 1)
+        except QueueFullError as error:
+            from mlflow.exceptions import MlflowException
+
+            raise MlflowException(f"mlflow-azdual: {error}") from None
 
     def log_param(self, run_id, param):
         self.flush_primary(run_id)

@@ -73,13 +73,30 @@ class WriteQueue:
 
     # Caller side
 
-    def submit(self, write: Write) -> None:
-        """Append ``write``; block while the queue is full, up to ``backpressure_timeout_s``."""
+    def reserve(self, size: int) -> None:
+        """Block until ``size`` entities fit, up to ``backpressure_timeout_s``; queue nothing.
+
+        Raises QueueFullError on timeout. Lets a caller check every queue before it appends to
+        any, so that a write is queued for all backends or for none.
+        """
+        if self._pid != os.getpid():
+            self._reset()
+        with self._lock:
+            if self._used_points() and self._used_points() + size > self.capacity_points:
+                self._wait_for_room(size)
+
+    def submit(self, write: Write, wait_for_room: bool = True) -> None:
+        """Append ``write``; block while the queue is full, up to ``backpressure_timeout_s``.
+
+        With ``wait_for_room=False`` the write is appended at once, after a ``reserve``; the
+        queue may then exceed its capacity by the writes of callers that reserved together.
+        """
         if self._pid != os.getpid():
             self._reset()
         with self._lock:
             size = write.size
-            if self._used_points() and self._used_points() + size > self.capacity_points:
+            full = self._used_points() and self._used_points() + size > self.capacity_points
+            if wait_for_room and full:
                 self._wait_for_room(size)
             if not write.enqueued_s:
                 write.enqueued_s = time.monotonic()

@@ -30,8 +30,10 @@ def command_up(state_dir: Path) -> None:
     print(f"S3 (moto): {rig.s3_endpoint_url}")
     print(f"logs: {rig.state_dir / 'logs'}")
     quoted_state_dir = shlex.quote(str(state_dir))
-    print(f"client environment: eval \"$(python -m rig env --state-dir {quoted_state_dir})\"")
-    print(f"stop: python -m rig down --state-dir {quoted_state_dir}")
+    # The interpreter that runs the rig is the one that has MLflow and the plugin installed.
+    python = shlex.quote(sys.executable)
+    print(f"client environment: eval \"$({python} -m rig env --state-dir {quoted_state_dir})\"")
+    print(f"stop: {python} -m rig down --state-dir {quoted_state_dir}")
 
 
 def command_env(state_dir: Path) -> None:

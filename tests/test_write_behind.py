@@ -299,3 +299,33 @@ def test_exit_with_stalled_secondary_is_bounded(rig, subprocess_env):
     assert "queued entities for the secondary backend were not sent" in completed.stderr
     # Interpreter start-up and imports take most of this; the flush itself waits 2 s.
     assert elapsed_s < 30
+
+
+def test_copy_during_concurrent_logging_loses_nothing(rig):
+    primary, secondary = backend_clients(rig)
+    experiment_id = primary.create_experiment(unique_path())
+    run = primary.create_run(experiment_id)
+    for step in range(100):
+        primary.log_metric(run.info.run_id, "before", float(step), step=step)
+    # A small queue makes callers block while the worker copies the run from the primary.
+    uri = explicit_tracking_uri(
+        rig.primary_uri, rig.secondary_uri, buffer_capacity_points=64, flush_threshold_points=32
+    )
+    client = MlflowClient(tracking_uri=uri)
+
+    def log_points(key):
+        for step in range(1_000):
+            client.log_metric(run.info.run_id, key, float(step), step=step)
+
+    threads = [threading.Thread(target=log_points, args=(f"k{index}",)) for index in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert _get_store(uri).flush(timeout_s=300)
+
+    mirror_id = primary.get_run(run.info.run_id).data.tags["azdual.secondary_run_id"]
+    for key in ["before", "k0", "k1", "k2", "k3"]:
+        expected = metric_points(primary, run.info.run_id, key)
+        assert metric_points(secondary, mirror_id, key) == expected, key
+        assert len(expected) == (100 if key == "before" else 1_000)
