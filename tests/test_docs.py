@@ -12,7 +12,7 @@ def test_configuration_doc_has_current_option_table():
     assert options_table_markdown() in text, "regenerate the table with options_table_markdown()"
 
 
-def test_every_option_has_units_or_is_not_a_quantity():
+def test_quantity_options_name_units():
     quantities = [option for option in OPTIONS if isinstance(option.default, (int, float))]
     quantities = [option for option in quantities if not isinstance(option.default, bool)]
     for option in quantities:

@@ -235,7 +235,7 @@ def test_run_resumed_in_second_process(rig, dual, subprocess_env):
     assert len(secondary.search_runs([mirrored_experiment.experiment_id])) == 1
 
 
-def test_run_created_without_plugin_is_copied_on_first_write(rig, dual):
+def test_plain_run_copied_on_first_write(rig, dual):
     primary, secondary = backend_clients(rig)
     experiment_id = primary.create_experiment(unique_path())
     run = primary.create_run(experiment_id, tags={"origin": "plain"})

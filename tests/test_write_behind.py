@@ -200,7 +200,7 @@ def test_mlflow_async_logging_ends_in_buffer(rig, slow_dual, monkeypatch):
 
 
 class Blackhole:
-    """A loopback TCP listener that accepts connections and never answers: a stalled backend."""
+    """A loopback TCP listener that accepts connections and never responds: a stalled backend."""
 
     def __init__(self):
         self.listener = socket.create_server(("127.0.0.1", 0))
