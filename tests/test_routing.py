@@ -1,6 +1,6 @@
 """Every store method of the installed MLflow is routed on purpose by the dual stores.
 
-MLflow's AbstractStore does not enforce abstract methods, so a method the dual store forgets
+MLflow's AbstractStore does not enforce abstract methods, so a method the dual store omits
 inherits a stub that silently returns None. These tests list the methods of the installed
 MLflow (AbstractStore plus the undeclared ones that the REST stores add and MLflow calls) and
 fail on any that the dual stores neither implement nor route through a table.
