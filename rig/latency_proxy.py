@@ -1,4 +1,5 @@
-"""A TCP proxy on 127.0.0.1 that delays client-to-server bytes, with an HTTP control endpoint.
+"""A TCP proxy on 127.0.0.1 that delays client-to-server bytes and injects faults, with an HTTP
+control endpoint.
 
 Run it as `python -m rig.latency_proxy --target-port T [--listen-port P] [--delay-ms D]
 --control-port C`. Port 0 lets the system pick a free port. Once both listeners are bound,
@@ -11,16 +12,39 @@ delayed one after the other. Responses pass straight through. While stalled, the
 connections and reads requests but sends nothing to the server until resumed. Its per-connection
 queue is bounded, so a stalled client is eventually held back by TCP flow control.
 
+The proxy finds HTTP/1.x request boundaries on each connection from the request line, the
+headers and Content-Length, so the request faults below count requests, not connections. It
+supports keep-alive but not pipelining: a client must read a response before it sends the next
+request, as MLflow's client (requests) does. A request with Transfer-Encoding, an invalid
+Content-Length or a head over MAX_REQUEST_HEAD_BYTES switches its connection to plain byte
+forwarding, and the request faults skip that connection from then on.
+
 Control endpoint (GET only, one JSON object per response):
   /delay?ms=N  set the delay for chunks that arrive from now on
   /stall       hold all client-to-server bytes, keeping connections open
   /resume      send the held bytes and forward normally again
-  /stats       connections, bytes forwarded each way, delay and stall state
+  /down?seconds=N
+               close the listening socket and every client connection, so new clients get
+               "connection refused", then listen on the same port again after N seconds
+  /reject?status=429|503&count=K[&retry_after_s=S]
+               respond to the next K requests with that status from the proxy itself, with an
+               MLflow-style JSON error body and, when S is given, `Retry-After: S`. The
+               requests and their bodies are read but never reach the server, and the
+               responses are sent at once, without the delay and even while stalled.
+  /reset-after-forward?count=K
+               forward the next K requests, and when the server's response begins, reset
+               the client connection (SO_LINGER 0) instead of relaying the response
+  /stats       connections, requests, bytes forwarded each way, delay, stall, pending faults
+               and the number of times each fault was applied
+
+A request that is due for both /reject and /reset-after-forward is rejected, and the reset
+stays pending for a later request.
 
 `ProxyState` contains the settings and counters. `Forwarder` moves bytes and reads the state at
-three points: when a client connects, before each chunk goes to the server, and when a
-connection ends. `ControlServer` changes the state through a table of routes. A new fault mode
-adds a field to `ProxyState`, a route, and a check at one of those points.
+five points: when a client connects, when a request head arrives, before each chunk goes to the
+server, when a response begins, and when a connection ends. `ControlServer` changes the state through a table of
+routes. A new fault mode adds a field to `ProxyState`, a route, and a check at one of those
+points.
 
 `LatencyProxy` starts this module as a subprocess in its own session and controls it.
 """
@@ -34,6 +58,8 @@ import logging
 import os
 import select
 import signal
+import socket
+import struct
 import subprocess
 import sys
 import tempfile
@@ -42,6 +68,7 @@ import urllib.error
 import urllib.parse
 import urllib.request
 from pathlib import Path
+from typing import NamedTuple
 
 log = logging.getLogger("rig.latency_proxy")
 
@@ -55,6 +82,21 @@ CHUNK_SIZE = 64 * 1024
 MAX_QUEUED_CHUNKS = 64
 # Maximum size of a control request's request line and headers.
 MAX_CONTROL_REQUEST_BYTES = 16 * 1024
+# Maximum size of a client request's request line and headers. A larger head switches its
+# connection to plain byte forwarding.
+MAX_REQUEST_HEAD_BYTES = 64 * 1024
+# Seconds between attempts to listen again when the port is taken at the end of /down.
+RELISTEN_RETRY_S = 1.0
+# Upper limits of the fault parameters that the control endpoint accepts.
+MAX_DOWN_S = 3600
+MAX_FAULT_COUNT = 1_000_000
+MAX_RETRY_AFTER_S = 86_400
+
+# MLflow's error code and the reason phrase for each status that /reject can send.
+REJECT_STATUSES = {
+    429: ("REQUEST_LIMIT_EXCEEDED", "Too Many Requests"),
+    503: ("TEMPORARILY_UNAVAILABLE", "Service Unavailable"),
+}
 
 # urllib reads proxy settings from the environment, so control calls use an opener without them.
 _DIRECT_OPENER = urllib.request.build_opener(urllib.request.ProxyHandler({}))
@@ -73,6 +115,35 @@ class ProxyState:
         self.connect_failures = 0
         self.bytes_client_to_server = 0
         self.bytes_server_to_client = 0
+        self.requests_total = 0
+        # Connections switched to plain byte forwarding because a request could not be framed.
+        self.connections_unframed = 0
+        # Pending faults. Each request that a fault applies to decrements its count.
+        self.reject_status = 0
+        self.reject_count = 0
+        self.reject_retry_after_s: int | None = None
+        self.reset_after_forward_count = 0
+        # loop.time() at which a down listener listens again, or None while listening.
+        self.down_until: float | None = None
+        # Times each fault was applied.
+        self.downs = 0
+        self.rejected = {status: 0 for status in REJECT_STATUSES}
+        self.resets_after_forward = 0
+
+    def take_reject(self) -> tuple[int, int | None] | None:
+        """Consume one pending rejection and return (status, retry_after_s), or None."""
+        if self.reject_count <= 0:
+            return None
+        self.reject_count -= 1
+        self.rejected[self.reject_status] += 1
+        return self.reject_status, self.reject_retry_after_s
+
+    def take_reset_after_forward(self) -> bool:
+        """Consume one pending reset-after-forward and return whether there was one."""
+        if self.reset_after_forward_count <= 0:
+            return False
+        self.reset_after_forward_count -= 1
+        return True
 
     @property
     def stalled(self) -> bool:
@@ -93,7 +164,48 @@ class ProxyState:
             "bytes_server_to_client": self.bytes_server_to_client,
             "delay_ms": self.delay_ms,
             "stalled": self.stalled,
+            "requests_total": self.requests_total,
+            "connections_unframed": self.connections_unframed,
+            "down": self.down_until is not None,
+            "down_remaining_s": self._down_remaining_s(),
+            "reject_pending": {
+                "status": self.reject_status if self.reject_count else None,
+                "count": self.reject_count,
+                "retry_after_s": self.reject_retry_after_s if self.reject_count else None,
+            },
+            "reset_after_forward_pending": self.reset_after_forward_count,
+            "faults_applied": {
+                "down": self.downs,
+                "reject_429": self.rejected[429],
+                "reject_503": self.rejected[503],
+                "reset_after_forward": self.resets_after_forward,
+            },
         }
+
+    def _down_remaining_s(self) -> float:
+        if self.down_until is None:
+            return 0.0
+        remaining_s = self.down_until - asyncio.get_running_loop().time()
+        return round(max(0.0, remaining_s), 3)
+
+
+class _ResetAfterForward(Exception):
+    """Ends a connection whose client the proxy reset when the server's response began."""
+
+
+class _ConnectionFaults:
+    """Faults pending on one client connection."""
+
+    def __init__(self):
+        # Set when a forwarded request is due for a reset as soon as its response begins.
+        self.reset_on_response = False
+
+
+class _RequestFraming(NamedTuple):
+    """Body length of a request and whether the connection closes after its response."""
+
+    content_length: int
+    close_after: bool
 
 
 class Forwarder:
@@ -105,15 +217,26 @@ class Forwarder:
         self.listen_port = listen_port
         self._server: asyncio.base_events.Server | None = None
         self._connections: set[asyncio.Task] = set()
+        self._relisten_task: asyncio.Task | None = None
 
     async def start(self) -> int:
         """Bind the listener and return its port."""
-        self._server = await asyncio.start_server(self._accept, HOST, self.listen_port)
+        self._server = await self._listen()
         self.listen_port = self._server.sockets[0].getsockname()[1]
         return self.listen_port
 
+    async def _listen(self) -> asyncio.base_events.Server:
+        # asyncio sets SO_REUSEADDR on POSIX, so the port can be bound again after /down
+        # while closed connections on it are in TIME_WAIT.
+        return await asyncio.start_server(
+            self._accept, HOST, self.listen_port, limit=MAX_REQUEST_HEAD_BYTES
+        )
+
     async def close(self) -> None:
         """Close the listener and every open connection."""
+        if self._relisten_task is not None:
+            self._relisten_task.cancel()
+            await asyncio.gather(self._relisten_task, return_exceptions=True)
         if self._server is not None:
             self._server.close()
             await self._server.wait_closed()
@@ -121,13 +244,63 @@ class Forwarder:
             task.cancel()
         await asyncio.gather(*self._connections, return_exceptions=True)
 
+    def go_down(self, seconds: float) -> None:
+        """Close the listener and every client connection, and listen again after `seconds`.
+
+        Closing the listening socket makes new clients get "connection refused". A call while
+        already down moves the time of listening again to `seconds` from now.
+        """
+        loop = asyncio.get_running_loop()
+        if self._server is not None:
+            # Server.close() closes the listening sockets before it returns.
+            self._server.close()
+            self._server = None
+        connections = list(self._connections)
+        for task in connections:
+            task.cancel()
+        if self._relisten_task is not None:
+            self._relisten_task.cancel()
+        self.state.down_until = loop.time() + seconds
+        self.state.downs += 1
+        self._relisten_task = asyncio.ensure_future(self._relisten_after(seconds))
+        log.info(
+            "down: closed the listener on port %d and %d client connections for %g s",
+            self.listen_port, len(connections), seconds,
+        )
+
+    async def _relisten_after(self, seconds: float) -> None:
+        await asyncio.sleep(seconds)
+        while True:
+            try:
+                self._server = await self._listen()
+                break
+            except OSError as error:
+                log.error(
+                    "listening on port %d again after down failed; retrying in %g s: %s",
+                    self.listen_port, RELISTEN_RETRY_S, error,
+                )
+                await asyncio.sleep(RELISTEN_RETRY_S)
+        self.state.down_until = None
+        self._relisten_task = None
+        log.info("up: listening on port %d again", self.listen_port)
+
     async def _accept(self, client_reader, client_writer) -> None:
-        task = asyncio.current_task()
-        self._connections.add(task)
+        if self.state.down_until is not None:
+            # The connection was accepted just before the listener closed.
+            _close_quietly(client_writer)
+            return
+        # `go_down` and `close` cancel this inner task. When the task that start_server created
+        # is cancelled instead, asyncio in Python 3.11 logs the CancelledError as an error.
+        connection = asyncio.ensure_future(self._serve_connection(client_reader, client_writer))
+        self._connections.add(connection)
         try:
-            await self._serve_connection(client_reader, client_writer)
+            await asyncio.wait({connection})
         finally:
-            self._connections.discard(task)
+            self._connections.discard(connection)
+        if not connection.cancelled() and connection.exception() is not None:
+            log.error(
+                "connection to port %d failed: %r", self.target_port, connection.exception()
+            )
 
     async def _serve_connection(self, client_reader, client_writer) -> None:
         state = self.state
@@ -146,8 +319,13 @@ class Forwarder:
             return
 
         state.connections_active += 1
-        upstream = asyncio.ensure_future(self._forward_upstream(client_reader, server_writer))
-        downstream = asyncio.ensure_future(self._forward_downstream(server_reader, client_writer))
+        faults = _ConnectionFaults()
+        upstream = asyncio.ensure_future(
+            self._forward_upstream(client_reader, client_writer, server_writer, faults)
+        )
+        downstream = asyncio.ensure_future(
+            self._forward_downstream(server_reader, client_writer, faults)
+        )
         try:
             # When one direction fails, the connection is over, so the other is cancelled.
             done, pending = await asyncio.wait(
@@ -166,23 +344,27 @@ class Forwarder:
             _close_quietly(client_writer)
             _close_quietly(server_writer)
 
-    async def _forward_upstream(self, client_reader, server_writer) -> None:
-        """Copy client bytes to the server, each chunk `delay` after it arrived."""
+    async def _forward_upstream(
+        self, client_reader, client_writer, server_writer, faults: _ConnectionFaults
+    ) -> None:
+        """Copy client bytes to the server, each chunk `delay` after it arrived.
+
+        The proxy responds to requests that /reject applies to here, so they never reach the
+        queue.
+        """
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue = asyncio.Queue(MAX_QUEUED_CHUNKS)
 
+        async def send_later(chunk: bytes) -> None:
+            due = loop.time() + self.state.delay_ms / 1000.0
+            await queue.put((due, chunk))
+
         async def read_client():
-            while True:
-                try:
-                    chunk = await client_reader.read(CHUNK_SIZE)
-                except OSError as error:
-                    # The sender raises it in order, after the bytes that came before it.
-                    await queue.put((loop.time(), error))
-                    return
-                due = loop.time() + self.state.delay_ms / 1000.0
-                await queue.put((due, chunk))
-                if not chunk:
-                    return
+            try:
+                await self._read_requests(client_reader, client_writer, send_later, faults)
+            except OSError as error:
+                # The sender raises it in order, after the bytes that came before it.
+                await queue.put((loop.time(), error))
 
         reader = asyncio.ensure_future(read_client())
         try:
@@ -205,10 +387,87 @@ class Forwarder:
             reader.cancel()
             await asyncio.gather(reader, return_exceptions=True)
 
-    async def _forward_downstream(self, server_reader, client_writer) -> None:
-        """Copy server bytes to the client as they arrive."""
+    async def _read_requests(
+        self, client_reader, client_writer, send, faults: _ConnectionFaults
+    ) -> None:
+        """Pass each client request to `send`, unless a request fault applies to it.
+
+        `send(b"")` marks the end of the client's stream.
+        """
+        state = self.state
+        while True:
+            try:
+                head = await client_reader.readuntil(b"\r\n\r\n")
+            except asyncio.IncompleteReadError as error:
+                # The client closed its side, possibly in the middle of a request head.
+                if error.partial:
+                    await send(error.partial)
+                await send(b"")
+                return
+            except asyncio.LimitOverrunError:
+                # The head stays in the reader's buffer, so plain forwarding sends it.
+                self._log_unframed(f"a request head over {MAX_REQUEST_HEAD_BYTES} bytes")
+                await _forward_plain(client_reader, send)
+                return
+
+            framing = _request_framing(head)
+            if framing is None:
+                first_line = head.split(b"\r\n", 1)[0][:200]
+                self._log_unframed(f"a request without Content-Length framing: {first_line!r}")
+                await send(head)
+                await _forward_plain(client_reader, send)
+                return
+            state.requests_total += 1
+
+            rejection = state.take_reject()
+            if rejection is not None:
+                status, retry_after_s = rejection
+                # The body is read and dropped so the next request starts at the right byte.
+                # NOTE: a client that sends `Expect: 100-continue` sends no body until it gets
+                # a response, so such a rejected request waits for the client's timeout.
+                if not await _read_body(client_reader, framing.content_length, None):
+                    await send(b"")
+                    return
+                await _write_rejection(client_writer, status, retry_after_s, framing.close_after)
+                log.info(
+                    "rejected request %d with %d (%d more pending)",
+                    state.requests_total, status, state.reject_count,
+                )
+                if framing.close_after:
+                    await send(b"")
+                    return
+                continue
+
+            if state.take_reset_after_forward():
+                faults.reset_on_response = True
+            await send(head)
+            if not await _read_body(client_reader, framing.content_length, send):
+                await send(b"")
+                return
+
+    def _log_unframed(self, reason: str) -> None:
+        self.state.connections_unframed += 1
+        log.warning(
+            "forwarding a connection to port %d as plain bytes, without request faults, "
+            "after %s",
+            self.target_port, reason,
+        )
+
+    async def _forward_downstream(
+        self, server_reader, client_writer, faults: _ConnectionFaults
+    ) -> None:
+        """Copy server bytes to the client as they arrive, or reset the client when due."""
         while True:
             chunk = await server_reader.read(CHUNK_SIZE)
+            if chunk and faults.reset_on_response:
+                _reset_connection(client_writer)
+                self.state.resets_after_forward += 1
+                log.info(
+                    "reset a client connection after its request reached port %d "
+                    "(%d more pending)",
+                    self.target_port, self.state.reset_after_forward_count,
+                )
+                raise _ResetAfterForward("reset the client when the response began")
             if not chunk:
                 if client_writer.can_write_eof():
                     client_writer.write_eof()
@@ -225,17 +484,117 @@ def _close_quietly(writer: asyncio.StreamWriter) -> None:
         pass
 
 
+def _reset_connection(writer: asyncio.StreamWriter) -> None:
+    """Close a connection with a TCP reset (RST) instead of a FIN, dropping unsent bytes."""
+    sock = writer.get_extra_info("socket")
+    if sock is not None:
+        # With SO_LINGER on and a linger time of 0, close() sends RST.
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    writer.transport.abort()
+
+
+def _request_framing(head: bytes) -> _RequestFraming | None:
+    """Parse an HTTP/1.x request head, or return None when Content-Length does not frame its body.
+
+    A request with no Content-Length and no Transfer-Encoding has no body (RFC 9112, 6.3).
+    """
+    lines = head.decode("latin-1").split("\r\n")
+    request_line = lines[0].split()
+    if len(request_line) != 3 or request_line[2] not in ("HTTP/1.1", "HTTP/1.0"):
+        return None
+    close_after = request_line[2] == "HTTP/1.0"
+    lengths = set()
+    for line in lines[1:]:
+        if not line:
+            continue
+        name, separator, value = line.partition(":")
+        if not separator:
+            return None
+        name = name.strip().lower()
+        value = value.strip()
+        if name == "transfer-encoding":
+            return None
+        if name == "content-length":
+            lengths.add(value)
+        if name == "connection":
+            options = {option.strip().lower() for option in value.split(",")}
+            if "close" in options:
+                close_after = True
+            elif "keep-alive" in options:
+                close_after = False
+    if not lengths:
+        return _RequestFraming(0, close_after)
+    if len(lengths) > 1:
+        return None
+    value = lengths.pop()
+    if not (value.isascii() and value.isdigit()):
+        return None
+    return _RequestFraming(int(value), close_after)
+
+
+async def _read_body(reader: asyncio.StreamReader, length: int, send) -> bool:
+    """Read `length` bytes and pass them to `send` in chunks, or drop them when `send` is None.
+
+    Returns False when the client closed its side before the whole body arrived.
+    """
+    remaining = length
+    while remaining > 0:
+        chunk = await reader.read(min(CHUNK_SIZE, remaining))
+        if not chunk:
+            return False
+        remaining -= len(chunk)
+        if send is not None:
+            await send(chunk)
+    return True
+
+
+async def _forward_plain(reader: asyncio.StreamReader, send) -> None:
+    """Pass every remaining client byte to `send`, ending with b"" at the end of the stream."""
+    while True:
+        chunk = await reader.read(CHUNK_SIZE)
+        await send(chunk)
+        if not chunk:
+            return
+
+
+async def _write_rejection(
+    writer: asyncio.StreamWriter, status: int, retry_after_s: int | None, close_after: bool
+) -> None:
+    """Send an HTTP error response with an MLflow-style JSON body from the proxy itself."""
+    error_code, reason = REJECT_STATUSES[status]
+    message = f"The latency proxy rejected this request with HTTP {status} as an injected fault."
+    if retry_after_s is not None:
+        message += f" Retry after {retry_after_s} s."
+    body = json.dumps({"error_code": error_code, "message": message}).encode()
+    head = [
+        f"HTTP/1.1 {status} {reason}",
+        "Content-Type: application/json",
+        f"Content-Length: {len(body)}",
+    ]
+    if retry_after_s is not None:
+        head.append(f"Retry-After: {retry_after_s}")
+    if close_after:
+        head.append("Connection: close")
+    writer.write(("\r\n".join(head) + "\r\n\r\n").encode("ascii") + body)
+    await writer.drain()
+
+
 class ControlServer:
     """Minimal HTTP control endpoint on 127.0.0.1: one GET per connection, JSON responses."""
 
-    def __init__(self, state: ProxyState, port: int = 0):
+    def __init__(self, state: ProxyState, port: int = 0, forwarder: Forwarder | None = None):
         self.state = state
         self.port = port
+        # The forwarder whose listener /down closes. Without one, /down returns 409.
+        self.forwarder = forwarder
         self._server: asyncio.base_events.Server | None = None
         self.routes = {
             "/delay": self._set_delay,
             "/stall": self._stall,
             "/resume": self._resume,
+            "/down": self._down,
+            "/reject": self._reject,
+            "/reset-after-forward": self._reset_after_forward,
             "/stats": self._stats,
         }
 
@@ -264,7 +623,10 @@ class ControlServer:
             log.exception("control request failed")
             status, body = 500, {"error": f"internal error: {error}"}
         payload = json.dumps(body).encode()
-        reason = {200: "OK", 400: "Bad Request", 404: "Not Found", 405: "Method Not Allowed"}
+        reason = {
+            200: "OK", 400: "Bad Request", 404: "Not Found", 405: "Method Not Allowed",
+            409: "Conflict",
+        }
         writer.write(
             f"HTTP/1.1 {status} {reason.get(status, 'Error')}\r\n"
             "Content-Type: application/json\r\n"
@@ -314,15 +676,76 @@ class ControlServer:
         log.info("resumed")
         return 200, self.state.snapshot()
 
+    def _down(self, query: dict) -> tuple[int, dict]:
+        seconds = _query_number(query, "seconds", float)
+        if seconds is None or not 0 < seconds <= MAX_DOWN_S:
+            return 400, {
+                "error": f"invalid or missing seconds; give one number over 0 and up to {MAX_DOWN_S}"
+            }
+        if self.forwarder is None:
+            return 409, {"error": "this control endpoint has no forwarder to take down"}
+        self.forwarder.go_down(seconds)
+        return 200, self.state.snapshot()
+
+    def _reject(self, query: dict) -> tuple[int, dict]:
+        status = _query_number(query, "status", int)
+        if status not in REJECT_STATUSES:
+            statuses = " or ".join(str(code) for code in REJECT_STATUSES)
+            return 400, {"error": f"invalid or missing status; give {statuses}"}
+        count = _query_number(query, "count", int)
+        if count is None or not 0 <= count <= MAX_FAULT_COUNT:
+            return 400, {
+                "error": f"invalid or missing count; give one integer from 0 to {MAX_FAULT_COUNT}"
+            }
+        retry_after_s = None
+        if "retry_after_s" in query:
+            retry_after_s = _query_number(query, "retry_after_s", int)
+            if retry_after_s is None or not 0 <= retry_after_s <= MAX_RETRY_AFTER_S:
+                return 400, {
+                    "error": "invalid retry_after_s; give one integer number of seconds "
+                    f"from 0 to {MAX_RETRY_AFTER_S}, or leave it out to send no Retry-After"
+                }
+        # A new /reject replaces the pending one, and count=0 cancels it.
+        self.state.reject_status = status
+        self.state.reject_count = count
+        self.state.reject_retry_after_s = retry_after_s
+        log.info(
+            "the next %d requests get %d, Retry-After %s", count, status,
+            "none" if retry_after_s is None else f"{retry_after_s} s",
+        )
+        return 200, self.state.snapshot()
+
+    def _reset_after_forward(self, query: dict) -> tuple[int, dict]:
+        count = _query_number(query, "count", int)
+        if count is None or not 0 <= count <= MAX_FAULT_COUNT:
+            return 400, {
+                "error": f"invalid or missing count; give one integer from 0 to {MAX_FAULT_COUNT}"
+            }
+        # A new request replaces the pending count, and count=0 cancels it.
+        self.state.reset_after_forward_count = count
+        log.info("the next %d forwarded requests get a reset when their response begins", count)
+        return 200, self.state.snapshot()
+
     def _stats(self, query: dict) -> tuple[int, dict]:
         return 200, self.state.snapshot()
+
+
+def _query_number(query: dict, name: str, parse):
+    """Return the single value of `name` in a parsed query string, parsed by `parse`, or None."""
+    values = query.get(name, [])
+    if len(values) != 1:
+        return None
+    try:
+        return parse(values[0])
+    except ValueError:
+        return None
 
 
 async def run_proxy(target_port: int, listen_port: int, control_port: int, delay_ms: float):
     """Serve until SIGTERM or SIGINT, after printing the ready line to stdout."""
     state = ProxyState(delay_ms)
     forwarder = Forwarder(state, target_port, listen_port)
-    control = ControlServer(state, control_port)
+    control = ControlServer(state, control_port, forwarder)
     listen_port = await forwarder.start()
     control_port = await control.start()
 
@@ -346,7 +769,7 @@ async def run_proxy(target_port: int, listen_port: int, control_port: int, delay
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
         prog="python -m rig.latency_proxy",
-        description="TCP proxy on 127.0.0.1 that delays client-to-server bytes.",
+        description="TCP proxy on 127.0.0.1 that delays client-to-server bytes and injects faults.",
     )
     parser.add_argument("--target-port", type=int, required=True, help="backend port on 127.0.0.1")
     parser.add_argument(
@@ -396,6 +819,22 @@ class ProxyControl:
 
     def resume(self) -> dict:
         return self._get("/resume")
+
+    def down(self, seconds: float) -> dict:
+        """Close the proxy's listener and connections, and listen again after `seconds`."""
+        return self._get(f"/down?seconds={seconds:g}")
+
+    def reject(self, status: int, count: int, retry_after_s: int | None = None) -> dict:
+        """Respond to the next `count` requests with `status` (429 or 503) from the proxy."""
+        query = {"status": status, "count": count}
+        if retry_after_s is not None:
+            query["retry_after_s"] = retry_after_s
+        return self._get(f"/reject?{urllib.parse.urlencode(query)}")
+
+    def reset_after_forward(self, count: int) -> dict:
+        """Reset the client connection of each of the next `count` requests once the server
+        has begun its response."""
+        return self._get(f"/reset-after-forward?count={count}")
 
     def stats(self) -> dict:
         return self._get("/stats")
@@ -547,6 +986,15 @@ class LatencyProxy:
 
     def resume(self) -> dict:
         return self._require_control().resume()
+
+    def down(self, seconds: float) -> dict:
+        return self._require_control().down(seconds)
+
+    def reject(self, status: int, count: int, retry_after_s: int | None = None) -> dict:
+        return self._require_control().reject(status, count, retry_after_s)
+
+    def reset_after_forward(self, count: int) -> dict:
+        return self._require_control().reset_after_forward(count)
 
     def stats(self) -> dict:
         return self._require_control().stats()
