@@ -3,8 +3,8 @@
 The primary (Databricks) is the source of truth. Metrics are validated at the call site with
 MLflow's own validation and queued for the primary. Every other primary write is synchronous,
 so its error raises at the call site exactly as with the primary alone, and is not mirrored.
-Every secondary (Azure ML) write goes through the secondary's FIFO queue, with ids translated
-through ``IdMapping`` by the worker; a secondary failure is logged, never raised.
+Every secondary (Azure ML) write goes through the secondary's FIFO queue, and the worker
+translates its ids through ``IdMapping``. A secondary failure is logged, never raised.
 
 Order: a run's queued metrics reach the primary before any synchronous primary write to that
 run (so a run is never FINISHED before its metrics) and before any read of it
