@@ -36,7 +36,7 @@ def load_rig(state_path):
 
 
 def train_and_log(experiment_path, model_name):
-    """Run the user's training code: nothing in it knows about the second backend."""
+    """Run the user's training code, which contains nothing specific to the second backend."""
     import mlflow
     import numpy as np
     from sklearn.datasets import load_breast_cancer

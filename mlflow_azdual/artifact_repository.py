@@ -3,9 +3,9 @@
 It serves the ``azdual:`` artifact URIs that the dual tracking store returns. An upload goes
 to the primary synchronously, so its error raises at the call site. The secondary upload is
 queued on the dual tracking store's secondary queue, after the writes that create the run
-or model it belongs to; the files are first copied to a staging folder, because MLflow often
-deletes its temporary folder as soon as ``log_artifact`` returns. A secondary failure is
-logged, never raised. Listing and downloads read from the primary and fall back to the
+or model it belongs to. The files are first copied to a staging folder, because MLflow often
+deletes its temporary folder as soon as ``log_artifact`` returns. A secondary failure,
+including a failed copy, is logged and never raised. Listing and downloads read from the primary and fall back to the
 secondary when the primary fails.
 """
 
@@ -88,12 +88,22 @@ class DualArtifactRepository(ArtifactRepository):
         """Queue ``upload(secondary_repository, staged_path)`` on a staged copy of the files."""
         if not self._has_secondary():
             return
+        run_id = self.roots.mirror_of.split(":", 1)[1] if self.roots.mirror_of else None
         staging = tempfile.mkdtemp(prefix=STAGING_PREFIX)
         staged = os.path.join(staging, os.path.basename(os.path.normpath(local_path)))
-        if os.path.isdir(local_path):
-            shutil.copytree(local_path, staged)
-        else:
-            shutil.copy2(local_path, staged)
+        try:
+            if os.path.isdir(local_path):
+                shutil.copytree(local_path, staged)
+            else:
+                shutil.copy2(local_path, staged)
+        except OSError as error:
+            shutil.rmtree(staging, ignore_errors=True)
+            _logger.warning(
+                "mlflow-azdual: copying %s for the secondary upload failed, so it was not "
+                "mirrored: operation=%s run_id=%s error=%s",
+                local_path, operation, run_id or "-", error,
+            )
+            return
 
         def send():
             try:
@@ -101,7 +111,6 @@ class DualArtifactRepository(ArtifactRepository):
             finally:
                 shutil.rmtree(staging, ignore_errors=True)
 
-        run_id = self.roots.mirror_of.split(":", 1)[1] if self.roots.mirror_of else None
         if self.store is not None:
             self.store.enqueue_secondary(operation, run_id, send)
         else:

@@ -1,10 +1,10 @@
 """Merge queued writes into as few requests as a backend's batch limits allow (pure functions).
 
-A window of queued writes, in FIFO order, becomes a list of requests: consecutive mergeable
-writes (metrics, params, tags of one run) become ``Batch`` requests per run, and every other
-write (a ``Write`` with a ``call``) is a barrier that is emitted alone, after everything queued
-before it. Within a run, items keep their order; a param or tag key that repeats starts a new
-batch, so that a later value is applied after an earlier one.
+A window of queued writes, in FIFO order, becomes a list of requests. Consecutive mergeable
+writes (metrics, params, tags of one run) become ``Batch`` requests per run. Every other write
+(a ``Write`` with a ``call``) is a barrier, emitted alone after everything queued before it.
+Within a run, items keep their order, and a param or tag key that repeats starts a new batch,
+so that a later value is applied after an earlier one.
 """
 
 import dataclasses

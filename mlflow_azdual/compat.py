@@ -8,22 +8,6 @@ MLflow's store registries from the plugin's entry-point modules is circular duri
 
 import functools
 import inspect
-from importlib import metadata
-
-from packaging.version import Version
-
-
-@functools.lru_cache(maxsize=None)
-def mlflow_version() -> Version:
-    """Return the installed MLflow version (``mlflow`` or ``mlflow-skinny``)."""
-    for distribution in ("mlflow", "mlflow-skinny"):
-        try:
-            return Version(metadata.version(distribution))
-        except metadata.PackageNotFoundError:
-            continue
-    import mlflow
-
-    return Version(mlflow.__version__)
 
 
 def build_tracking_store(uri: str):

@@ -73,10 +73,6 @@ class IdMapping:
     def cached_secondary_experiment_id(self, primary_experiment_id: str) -> Optional[str]:
         return self._experiments.get(primary_experiment_id)
 
-    def forget_experiment(self, primary_experiment_id: str) -> None:
-        with self._lock:
-            self._experiments.pop(primary_experiment_id, None)
-
     def _resolve_experiment(self, primary_id: str) -> str:
         primary_experiment = self._primary.get_experiment(primary_id)
         tags = primary_experiment.tags or {}

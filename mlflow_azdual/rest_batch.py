@@ -1,11 +1,11 @@
 """Send ``log_batch`` to an MLflow REST store with a request body built without protobuf.
 
-``RestStore.log_batch`` converts every metric to a protobuf message and the batch to JSON
-through protobuf's JSON printer, which costs the worker thread about 15 µs per metric
-(measured with MLflow 3.17 on this project's benchmark machine) while it holds the GIL that
-the training loop needs. This module builds the same JSON document with the standard ``json``
-module and sends it through the store's own ``_call_endpoint``, so authentication, retries and
-error handling stay MLflow's. Stores that override ``log_batch`` keep their own.
+``RestStore.log_batch`` converts every metric to a protobuf message and prints the batch as
+JSON through protobuf. With MLflow 3.17 a whole 1000-metric request cost the client about 15 ms
+of CPU, held under the GIL that the training loop needs, while building the same body with the
+standard ``json`` module takes about 1.7 ms (both measured on this project's benchmark
+machine). The body is sent through the store's own ``_call_endpoint``, so authentication,
+retries and error handling stay MLflow's. Stores that override ``log_batch`` keep their own.
 """
 
 import json

@@ -207,7 +207,10 @@ class DualTrackingStore(AbstractStore):
     # Secondary side, run by the secondary worker
 
     def enqueue_secondary(self, operation, run_id, call, seq=None):
-        """Queue ``call()`` for the secondary worker; a failure is logged, never raised."""
+        """Queue ``call()`` for the secondary worker, which logs a failure instead of raising it.
+
+        Raises MlflowException only when the queue stays full (backpressure).
+        """
         write = Write(
             seq or next_seq(),
             run_id,

@@ -88,7 +88,7 @@ class WriteQueue:
     def submit(self, write: Write, wait_for_room: bool = True) -> None:
         """Append ``write``; block while the queue is full, up to ``backpressure_timeout_s``.
 
-        With ``wait_for_room=False`` the write is appended at once, after a ``reserve``; the
+        With ``wait_for_room=False`` the write is appended at once, after a ``reserve``. The
         queue may then exceed its capacity by the writes of callers that reserved together.
         """
         if self._pid != os.getpid():
@@ -240,10 +240,6 @@ def _reset_all_after_fork() -> None:
         rest_utils._get_request_session.cache_clear()
     except (ImportError, AttributeError):
         pass
-
-
-def all_queues():
-    return list(_queues)
 
 
 if hasattr(os, "register_at_fork"):

@@ -200,3 +200,26 @@ def test_stage_transition_and_model_tags_on_both(rig, dual):
     assert mirrored_model.tags == {"owner": "ana", "domain": "churn"}
     assert secondary.get_model_version(name, mirrored_number).source.startswith("wasbs://")
     assert primary.get_model_version(name, "1").source.startswith("s3://")
+
+
+def test_failed_staging_copy_is_logged(rig, dual, tmp_path, monkeypatch, caplog):
+    import logging
+
+    from mlflow_azdual import artifact_repository
+
+    primary, _ = backend_clients(rig)
+    (tmp_path / "notes.txt").write_text("kept on the primary")
+    mlflow.set_experiment(unique_path())
+
+    def failing_copy(*_args, **_kwargs):
+        raise OSError("No space left on device")
+
+    monkeypatch.setattr(artifact_repository.shutil, "copy2", failing_copy)
+    caplog.set_level(logging.WARNING, logger="mlflow_azdual")
+    with mlflow.start_run() as run:
+        mlflow.log_artifact(str(tmp_path / "notes.txt"))
+
+    assert [info.path for info in primary.list_artifacts(run.info.run_id)] == ["notes.txt"]
+    messages = [record.getMessage() for record in caplog.records]
+    assert any("No space left on device" in message for message in messages)
+    assert any("operation=log_artifact" in message for message in messages)
