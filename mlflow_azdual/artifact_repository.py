@@ -3,16 +3,20 @@
 It serves the ``azdual:`` artifact URIs that the dual tracking store returns. An upload goes
 to the primary synchronously, so its error raises at the call site. The secondary upload is
 queued on the dual tracking store's secondary queue, after the writes that create the run
-or model it belongs to. The files are first copied to a staging folder, because MLflow often
-deletes its temporary folder as soon as ``log_artifact`` returns. A secondary failure,
-including a failed copy, is logged and never raised. Listing and downloads read from the primary and fall back to the
-secondary when the primary fails.
+or model it belongs to. The files are first copied into the spool's ``artifacts`` folder (a
+temporary folder with the spool off), because MLflow often deletes its temporary folder as soon
+as ``log_artifact`` returns, and a backend that is down gets them later, from this process or
+from a replay. The copies are capped at ``spool_max_artifact_bytes``: an upload over the cap
+raises in strict mode and is otherwise recorded as a dead letter with a warning. Other
+secondary failures, including a failed copy, are logged and never raised. Listing and
+downloads read from the primary and fall back to the secondary when the primary fails.
 """
 
 import logging
 import os
 import shutil
 import tempfile
+import uuid
 
 from mlflow.store.artifact.artifact_repo import ArtifactRepository
 
@@ -21,9 +25,6 @@ from mlflow_azdual import compat
 from mlflow_azdual.mirror import Mirror
 
 _logger = logging.getLogger(__name__)
-
-STAGING_PREFIX = "mlflow-azdual-upload-"
-
 
 def build_artifact_repository(artifact_uri, tracking_uri=None, registry_uri=None, **_):
     """Build the repository for a dual artifact URI (MLflow's ``mlflow.artifact_repository``).
@@ -84,14 +85,56 @@ class DualArtifactRepository(ArtifactRepository):
     def _has_secondary(self) -> bool:
         return bool(self.roots.secondary or self.roots.mirror_of)
 
-    def _mirror_upload(self, operation, local_path, upload):
-        """Queue ``upload(secondary_repository, staged_path)`` on a staged copy of the files."""
+    def _mirror_upload(self, operation, local_path, artifact_path):
+        """Queue the secondary upload of a staged copy of ``local_path``."""
         if not self._has_secondary():
             return
         run_id = self.roots.mirror_of.split(":", 1)[1] if self.roots.mirror_of else None
-        staging = tempfile.mkdtemp(prefix=STAGING_PREFIX)
+        if self.store is None:
+            # No dual tracking store to queue on: upload now, logging a failure.
+            self.mirror.send(
+                operation, run_id, lambda: _upload(self.secondary, operation, local_path, artifact_path)
+            )
+            return
+        staged = self._stage(operation, run_id, local_path)
+        if staged is not None:
+            self.store.enqueue_secondary(
+                _OPERATION_PREFIX + operation, run_id, artifact_uri=self.artifact_uri,
+                staged_path=staged, artifact_path=artifact_path,
+            )
+
+    def _stage(self, operation, run_id, local_path):
+        """Copy ``local_path`` under the staging root; return the copy's path or None."""
+        from mlflow.exceptions import MlflowException
+
+        root = staging_root(self.store)
+        size = _size_bytes(local_path)
+        cap = self.store.config.options["spool_max_artifact_bytes"]
+        staged_bytes = _size_bytes(root)
+        if size + staged_bytes > cap:
+            reason = (
+                f"{local_path} ({size} bytes) does not fit in the spool's artifact copies "
+                f"({staged_bytes} of spool_max_artifact_bytes={cap} bytes in use)"
+            )
+            if self.store.config.options["strict"]:
+                raise MlflowException(
+                    f"mlflow-azdual (strict mode): the primary has the artifact, but {reason}, so "
+                    "it cannot be queued for the secondary. Raise spool_max_artifact_bytes, or "
+                    "wait for the secondary to catch up (mlflow-azdual status)."
+                )
+            self.store.record_dead_letter(
+                "secondary", _OPERATION_PREFIX + operation, run_id,
+                {"artifact_uri": self.artifact_uri, "local_path": local_path}, reason,
+            )
+            _logger.warning(
+                "mlflow-azdual: artifact not mirrored to the secondary and recorded as a dead "
+                "letter: %s. Raise spool_max_artifact_bytes to mirror uploads this large.", reason,
+            )
+            return None
+        staging = os.path.join(root, uuid.uuid4().hex)
         staged = os.path.join(staging, os.path.basename(os.path.normpath(local_path)))
         try:
+            os.makedirs(staging, mode=0o700)
             if os.path.isdir(local_path):
                 shutil.copytree(local_path, staged)
             else:
@@ -103,34 +146,16 @@ class DualArtifactRepository(ArtifactRepository):
                 "mirrored: operation=%s run_id=%s error=%s",
                 local_path, operation, run_id or "-", error,
             )
-            return
-
-        def send():
-            try:
-                return upload(self.secondary, staged)
-            finally:
-                shutil.rmtree(staging, ignore_errors=True)
-
-        if self.store is not None:
-            self.store.enqueue_secondary(operation, run_id, send)
-        else:
-            self.mirror.send(operation, run_id, send)
+            return None
+        return staged
 
     def log_artifact(self, local_file, artifact_path=None):
         self.primary.log_artifact(local_file, artifact_path)
-        self._mirror_upload(
-            "log_artifact",
-            local_file,
-            lambda repository, staged: repository.log_artifact(staged, artifact_path),
-        )
+        self._mirror_upload("log_artifact", local_file, artifact_path)
 
     def log_artifacts(self, local_dir, artifact_path=None):
         self.primary.log_artifacts(local_dir, artifact_path)
-        self._mirror_upload(
-            "log_artifacts",
-            local_dir,
-            lambda repository, staged: repository.log_artifacts(staged, artifact_path),
-        )
+        self._mirror_upload("log_artifacts", local_dir, artifact_path)
 
     def _read(self, operation, read):
         try:
@@ -173,11 +198,70 @@ class DualArtifactRepository(ArtifactRepository):
         self.primary.delete_artifacts(artifact_path)
         if not self._has_secondary():
             return
-
-        def send():
-            return self.secondary.delete_artifacts(artifact_path)
-
         if self.store is not None:
-            self.store.enqueue_secondary("delete_artifacts", None, send)
+            self.store.enqueue_secondary(
+                _OPERATION_PREFIX + "delete_artifacts", None,
+                artifact_uri=self.artifact_uri, artifact_path=artifact_path,
+            )
         else:
-            self.mirror.send("delete_artifacts", None, send)
+            self.mirror.send(
+                "delete_artifacts", None, lambda: self.secondary.delete_artifacts(artifact_path)
+            )
+
+
+_OPERATION_PREFIX = "artifact."
+
+
+def staging_root(store) -> str:
+    """Return the folder of artifact copies waiting for the secondary (created 0700)."""
+    if store.config.options["spool"]:
+        root = os.path.join(store.spool_directory(), "artifacts")
+    else:
+        root = os.path.join(tempfile.gettempdir(), f"mlflow-azdual-staging-{os.getuid()}")
+    os.makedirs(root, mode=0o700, exist_ok=True)
+    return root
+
+
+def _size_bytes(path) -> int:
+    if os.path.isfile(path):
+        return os.path.getsize(path)
+    total = 0
+    for folder, _, files in os.walk(path):
+        for name in files:
+            try:
+                total += os.path.getsize(os.path.join(folder, name))
+            except OSError:
+                pass
+    return total
+
+
+def _upload(repository, operation, local_path, artifact_path):
+    if operation == "log_artifacts":
+        return repository.log_artifacts(local_path, artifact_path)
+    return repository.log_artifact(local_path, artifact_path)
+
+
+def apply_secondary(store, write):
+    """Send a queued artifact write (``artifact.<operation>``) to the secondary repository.
+
+    The staged copy is removed once the upload succeeded or was rejected for good; a
+    transient failure keeps it for the retry.
+    """
+    from mlflow_azdual.retry import classify
+
+    operation = write.operation[len(_OPERATION_PREFIX):]
+    args = write.args
+    repository = DualArtifactRepository(args["artifact_uri"], tracking_uri=store.store_uri)
+    if operation == "delete_artifacts":
+        return repository.secondary.delete_artifacts(args["artifact_path"])
+    staged = args["staged_path"]
+    if not os.path.exists(staged):
+        raise LookupError(f"the staged copy {staged} of the upload is missing")
+    try:
+        _upload(repository.secondary, operation, staged, args["artifact_path"])
+    except Exception as error:
+        if classify(error).retry:
+            raise
+        shutil.rmtree(os.path.dirname(staged), ignore_errors=True)
+        raise
+    shutil.rmtree(os.path.dirname(staged), ignore_errors=True)

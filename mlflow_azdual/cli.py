@@ -1,12 +1,20 @@
-"""The ``mlflow-azdual`` command: inspect how an azdual tracking URI resolves.
+"""The ``mlflow-azdual`` command: inspect a configuration and the spool of unsent writes.
 
 ``mlflow-azdual resolve [URI]`` prints the primary and secondary tracking and registry URIs
-and every option value, with secrets redacted. URI defaults to MLFLOW_TRACKING_URI.
+and every option value, with secrets redacted.
+``mlflow-azdual status [URI] [--json] [--dead-letters]`` prints, per backend, the writes
+waiting in the spool, the age of the oldest, the failed attempts and the dead letters, and the
+spool files with the process that holds each.
+``mlflow-azdual sync [URI]`` replays the spool files of ended processes in the foreground with a
+progress bar; exit code 1 when writes are left unsent or a file is unreadable.
+URI defaults to MLFLOW_TRACKING_URI everywhere.
 """
 
 import argparse
+import json
 import os
 import sys
+import time
 
 from mlflow_azdual.options import OPTIONS
 
@@ -30,6 +38,122 @@ def _resolve(uri: str) -> int:
     return 0
 
 
+def _dual_store(uri: str):
+    """Return the dual tracking store of ``uri``, or raise MlflowException for a non-azdual URI."""
+    from mlflow.exceptions import MlflowException
+    from mlflow.tracking._tracking_service.utils import _get_store
+
+    from mlflow_azdual.uri import SCHEME, redact_uri
+
+    if not uri.startswith(SCHEME + ":"):
+        raise MlflowException(
+            f"{redact_uri(uri)} is not an azdual tracking URI; pass one, or set "
+            "MLFLOW_TRACKING_URI to the azdual URI your training uses."
+        )
+    return _get_store(uri)
+
+
+def _age(seconds) -> str:
+    if seconds is None:
+        return "-"
+    if seconds < 120:
+        return f"{seconds:.0f} s"
+    if seconds < 7200:
+        return f"{seconds / 60:.0f} min"
+    return f"{seconds / 3600:.1f} h"
+
+
+def _status(uri: str, as_json: bool, dead_letters: bool) -> int:
+    from mlflow_azdual.spool import directory_status, list_dead_letters
+
+    store = _dual_store(uri)
+    directory = store.spool_directory()
+    status = directory_status(directory) if os.path.isdir(directory) else {"backends": {}, "files": []}
+    letters = list_dead_letters(directory) if dead_letters and os.path.isdir(directory) else []
+    if as_json:
+        document = {"spool_directory": directory, **status}
+        if dead_letters:
+            document["dead_letters"] = letters
+        print(json.dumps(document, indent=2, default=str))
+        return 0
+    print(f"spool directory: {directory}")
+    print(f"{'backend':<10} {'pending':>9} {'oldest':>8} {'retries':>8} {'dead letters':>13}")
+    for backend in ("primary", "secondary"):
+        row = status["backends"].get(backend, {})
+        print(
+            f"{backend:<10} {row.get('pending', 0):>9} {_age(row.get('oldest_age_s')):>8} "
+            f"{row.get('attempts', 0):>8} {row.get('dead_letters', 0):>13}"
+        )
+    for entry in status["files"]:
+        holder = "held by a running process" if entry.get("alive") else "left by an ended process"
+        if entry.get("error"):
+            holder = f"unreadable: {entry['error']}"
+        print(f"  {entry['path']} (pid {entry.get('pid', '?')} on {entry.get('hostname', '?')}, {holder})")
+    for letter in letters:
+        print(
+            f"dead letter: backend={letter['backend']} operation={letter['operation']} "
+            f"run_id={letter.get('run_id') or '-'} reason={letter['reason']}"
+        )
+    return 0
+
+
+class _ProgressBar:
+    """A one-line progress bar on stderr, redrawn at most ten times a second."""
+
+    def __init__(self, stream=sys.stderr, width=30):
+        self._stream = stream
+        self._width = width
+        self._drawn_s = 0.0
+
+    def __call__(self, done: int, total: int) -> None:
+        now = time.monotonic()
+        if done < total and now - self._drawn_s < 0.1:
+            return
+        self._drawn_s = now
+        filled = self._width if not total else int(self._width * done / total)
+        bar = "#" * filled + "." * (self._width - filled)
+        self._stream.write(f"\rsync [{bar}] {done}/{total} writes")
+        self._stream.flush()
+
+    def close(self) -> None:
+        self._stream.write("\n")
+        self._stream.flush()
+
+
+def _sync(uri: str) -> int:
+    from mlflow_azdual.replay import BACKENDS, replay_directory
+    from mlflow_azdual.spool import directory_status
+
+    store = _dual_store(uri)
+    directory = store.spool_directory()
+    if not os.path.isdir(directory):
+        print(f"nothing to replay: no spool directory {directory}")
+        return 0
+    progress = _ProgressBar()
+    try:
+        result = replay_directory(store, directory, progress=progress)
+    finally:
+        progress.close()
+    for backend in BACKENDS:
+        print(
+            f"{backend}: {result.delivered[backend]} delivered, {result.rejected[backend]} "
+            f"rejected (dead letters), {result.left[backend]} left"
+        )
+    for path in result.bad_files:
+        print(f"unreadable spool file moved aside: {path}")
+    live = [entry for entry in directory_status(directory)["files"] if entry.get("alive")]
+    for entry in live:
+        print(f"held by running process {entry.get('pid')}, replayed by that process: {entry['path']}")
+    if not result.complete:
+        print(
+            "writes are left unsent: check the backends, then run mlflow-azdual sync again "
+            "(mlflow-azdual status shows what is waiting)",
+            file=sys.stderr,
+        )
+        return 1
+    return 0
+
+
 def main(argv=None) -> int:
     """Run the ``mlflow-azdual`` command line and return its exit code."""
     parser = argparse.ArgumentParser(prog="mlflow-azdual", description=__doc__.splitlines()[0])
@@ -39,12 +163,33 @@ def main(argv=None) -> int:
         "uri", nargs="?", default=os.environ.get("MLFLOW_TRACKING_URI"),
         help="azdual tracking URI (default: MLFLOW_TRACKING_URI)",
     )
+    status = commands.add_parser(
+        "status", help="show the writes waiting in the spool and the dead letters"
+    )
+    status.add_argument("--json", action="store_true", help="print machine-readable JSON")
+    status.add_argument("--dead-letters", action="store_true", help="list every dead letter")
+    sync = commands.add_parser(
+        "sync", help="send the writes that ended processes left in the spool, in the foreground"
+    )
+    for command in (status, sync):
+        command.add_argument(
+            "uri", nargs="?", default=os.environ.get("MLFLOW_TRACKING_URI"),
+            help="azdual tracking URI (default: MLFLOW_TRACKING_URI)",
+        )
     arguments = parser.parse_args(argv)
+    if not arguments.uri:
+        parser.error("no URI given and MLFLOW_TRACKING_URI is not set")
     if arguments.command == "resolve":
-        if not arguments.uri:
-            parser.error("no URI given and MLFLOW_TRACKING_URI is not set")
         return _resolve(arguments.uri)
-    return 2
+    from mlflow.exceptions import MlflowException
+
+    try:
+        if arguments.command == "status":
+            return _status(arguments.uri, arguments.json, arguments.dead_letters)
+        return _sync(arguments.uri)
+    except MlflowException as error:
+        print(f"error: {error.message}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -2,13 +2,13 @@
 
 A window of queued writes, in FIFO order, becomes a list of requests. Consecutive mergeable
 writes (metrics, params, tags of one run) become ``Batch`` requests per run. Every other write
-(a ``Write`` with a ``call``) is a barrier, emitted alone after everything queued before it.
+(any operation but ``log_batch``) is a barrier, emitted alone after everything queued before it.
 Within a run, items keep their order, and a param or tag key that repeats starts a new batch,
 so that a later value is applied after an earlier one.
 """
 
 import dataclasses
-from typing import Callable, List, Optional, Sequence, Union
+from typing import List, Optional, Sequence, Union
 
 
 @dataclasses.dataclass(frozen=True)
@@ -21,13 +21,25 @@ class BatchLimits:
     max_entities: int = 1000
 
 
-class Write:
-    """One queued write: metrics, params and tags of a run, or a ``call`` run on its own.
+LOG_BATCH = "log_batch"
 
+
+class Write:
+    """One queued write, as data: metrics, params and tags of a run, or a named operation.
+
+    A ``log_batch`` write carries ``metrics``, ``params`` and ``tags``. Any other operation
+    carries its arguments in ``args``, a dict of JSON values, MLflow entities and MLflow
+    ``Model`` objects, so that the write can be spooled to disk and replayed by another
+    process. ``run_id`` is always the primary's id. ``spool_id`` is the write's row in the
+    spool once it is durable; ``attempts`` counts failed sends; ``uncertain`` is set when a
+    send may have reached the backend although it failed, so a retry checks before writing.
     Slotted, because a full queue contains ``buffer_capacity_points`` of them.
     """
 
-    __slots__ = ("seq", "run_id", "metrics", "params", "tags", "call", "operation", "enqueued_s")
+    __slots__ = (
+        "seq", "run_id", "metrics", "params", "tags", "operation", "args",
+        "enqueued_s", "spool_id", "attempts", "uncertain",
+    )
 
     def __init__(
         self,
@@ -36,21 +48,29 @@ class Write:
         metrics: Sequence = (),
         params: Sequence = (),
         tags: Sequence = (),
-        call: Optional[Callable[[], object]] = None,
-        operation: str = "log_batch",
+        operation: str = LOG_BATCH,
+        args: Optional[dict] = None,
     ):
         self.seq = seq
         self.run_id = run_id
         self.metrics = metrics
         self.params = params
         self.tags = tags
-        self.call = call
         self.operation = operation
+        self.args = args
         self.enqueued_s = 0.0
+        self.spool_id = None
+        self.attempts = 0
+        self.uncertain = False
+
+    @property
+    def is_barrier(self) -> bool:
+        """True for an operation other than log_batch, which is sent alone and in order."""
+        return self.operation != LOG_BATCH
 
     @property
     def size(self) -> int:
-        """Buffer slots this write takes: its entities, or one for a call."""
+        """Buffer slots this write takes: its entities, or one for another operation."""
         return (len(self.metrics) + len(self.params) + len(self.tags)) or 1
 
     def __repr__(self) -> str:
@@ -67,6 +87,8 @@ class Batch:
     tags: List = dataclasses.field(default_factory=list)
     first_seq: int = 0
     last_seq: int = 0
+    # The queued writes whose items this batch carries, in order.
+    writes: List = dataclasses.field(default_factory=list)
 
     @property
     def entities(self) -> int:
@@ -100,7 +122,7 @@ def coalesce(writes: Sequence[Write], limits: BatchLimits = BatchLimits()) -> Li
         open_batches.clear()
 
     for write in writes:
-        if write.call is not None:
+        if write.is_barrier:
             close_segment()
             requests.append(write)
             continue
@@ -112,6 +134,8 @@ def coalesce(writes: Sequence[Write], limits: BatchLimits = BatchLimits()) -> Li
                     open_batches[write.run_id] = batch
                     segment.append(batch)
                 getattr(batch, kind).append(item)
+                if not batch.writes or batch.writes[-1] is not write:
+                    batch.writes.append(write)
         if batch is not None:
             batch.last_seq = write.seq
     close_segment()

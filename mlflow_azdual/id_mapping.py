@@ -182,7 +182,6 @@ class IdMapping:
         return translated
 
     def _resolve_run(self, primary_id: str) -> SecondaryRun:
-        from mlflow.entities import RunTag, ViewType
         from mlflow.exceptions import MlflowException
 
         primary_run = self._primary.get_run(primary_id)
@@ -195,50 +194,71 @@ class IdMapping:
             if candidate is not None and candidate.data.tags.get(PRIMARY_RUN_ID_TAG) == primary_id:
                 return SecondaryRun(candidate.info.run_id, candidate.info.artifact_uri)
 
-        experiment_id = self.secondary_experiment_id(primary_run.info.experiment_id)
+        mirror = self._find_secondary_run(primary_id, primary_run.info.experiment_id)
+        if mirror is None:
+            experiment_id = self.secondary_experiment_id(primary_run.info.experiment_id)
+            mirror = self._copy_run(primary_run, experiment_id)
+        self._record_run_mapping(primary_id, mirror.run_id)
+        return mirror
+
+    def create_secondary_run(
+        self, primary_run_id, experiment_id, user_id, start_time, tags, run_name, look_first=False
+    ):
+        """Create the mirror of a just-created primary run and record the mapping.
+
+        Returns the existing mirror instead if another lookup created it first. With
+        ``look_first`` (an earlier attempt may have created the mirror before failing), the
+        secondary is searched for a run tagged with ``primary_run_id`` before creating one.
+        """
+        with self._lock:
+            cached = self._runs.get(primary_run_id)
+            if cached is not None:
+                return cached
+            if look_first:
+                found = self._find_secondary_run(primary_run_id, experiment_id)
+                if found is not None:
+                    self.remember_run(primary_run_id, found)
+                    self._record_run_mapping(primary_run_id, found.run_id)
+                    return found
+            return self._create_secondary_run(
+                primary_run_id, experiment_id, user_id, start_time, tags, run_name
+            )
+
+    def _find_secondary_run(self, primary_run_id, primary_experiment_id) -> Optional[SecondaryRun]:
+        from mlflow.entities import ViewType
+
         found = self._secondary.search_runs(
-            [experiment_id],
-            f"tags.`{PRIMARY_RUN_ID_TAG}` = '{primary_id}'",
+            [self.secondary_experiment_id(primary_experiment_id)],
+            f"tags.`{PRIMARY_RUN_ID_TAG}` = '{primary_run_id}'",
             ViewType.ALL,
             max_results=1,
         )
-        if found:
-            mirror = SecondaryRun(found[0].info.run_id, found[0].info.artifact_uri)
-        else:
-            mirror = self._copy_run(primary_run, experiment_id)
+        if not found:
+            return None
+        return SecondaryRun(found[0].info.run_id, found[0].info.artifact_uri)
 
-        self._primary.set_tag(primary_id, RunTag(SECONDARY_RUN_ID_TAG, mirror.run_id))
-        return mirror
+    def _record_run_mapping(self, primary_run_id, secondary_run_id):
+        from mlflow.entities import RunTag
 
-    def create_secondary_run(self, primary_run, experiment_id, user_id, start_time, tags, run_name):
-        """Create the mirror of a just-created primary run and record the mapping.
+        self._primary.set_tag(primary_run_id, RunTag(SECONDARY_RUN_ID_TAG, secondary_run_id))
 
-        Returns the existing mirror instead if another lookup created it first.
-        """
-        with self._lock:
-            cached = self._runs.get(primary_run.info.run_id)
-            if cached is not None:
-                return cached
-            return self._create_secondary_run(
-                primary_run, experiment_id, user_id, start_time, tags, run_name
-            )
-
-    def _create_secondary_run(self, primary_run, experiment_id, user_id, start_time, tags, run_name):
+    def _create_secondary_run(
+        self, primary_run_id, experiment_id, user_id, start_time, tags, run_name
+    ):
         from mlflow.entities import RunTag
 
         secondary_experiment_id = self.secondary_experiment_id(experiment_id)
-        own_tags = [RunTag(PRIMARY_RUN_ID_TAG, primary_run.info.run_id)]
+        own_tags = [RunTag(PRIMARY_RUN_ID_TAG, primary_run_id)]
         created = self._secondary.create_run(
             secondary_experiment_id,
             user_id,
             start_time,
             self.translate_run_tags(_without_own_tags(tags)) + own_tags,
-            # The primary names an unnamed run; the mirror must not get a name of its own.
-            primary_run.info.run_name or run_name,
+            run_name,
         )
         mirror = SecondaryRun(created.info.run_id, created.info.artifact_uri)
-        self.remember_run(primary_run.info.run_id, mirror)
-        self._primary.set_tag(primary_run.info.run_id, RunTag(SECONDARY_RUN_ID_TAG, mirror.run_id))
+        self.remember_run(primary_run_id, mirror)
+        self._record_run_mapping(primary_run_id, mirror.run_id)
         return mirror
 
     def _copy_run(self, primary_run, secondary_experiment_id: str) -> SecondaryRun:
@@ -287,6 +307,15 @@ class IdMapping:
     def remember_model(self, primary_model_id: str, secondary_model_id: str) -> None:
         with self._lock:
             self._models[primary_model_id] = secondary_model_id
+
+    def find_secondary_model(self, primary_model_id: str, secondary_experiment_id: str):
+        """Return the secondary logged model tagged with ``primary_model_id``, or None."""
+        found = self._secondary.search_logged_models(
+            experiment_ids=[secondary_experiment_id],
+            filter_string=f"tags.`{PRIMARY_MODEL_ID_TAG}` = '{primary_model_id}'",
+            max_results=1,
+        )
+        return found[0] if found else None
 
     def secondary_model_id(self, primary_model_id: str) -> Optional[str]:
         """Return the secondary id of a primary logged model, or None if it has no mirror."""

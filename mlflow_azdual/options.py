@@ -100,14 +100,16 @@ OPTIONS = (
         "buffer_capacity_points",
         _positive_int,
         50_000,
-        "Entities one backend's queue holds. When it is full the caller blocks until there is "
-        "room (backpressure); nothing is dropped.",
+        "Entities one backend's queue holds in memory. When it is full, further writes go to "
+        "the spool only and are read back in order; without the spool the caller blocks until "
+        "there is room (backpressure). Nothing is dropped.",
     ),
     Option(
         "backpressure_timeout_s",
         _positive_float,
         300.0,
-        "Maximum time in seconds a caller blocks on a full queue before MlflowException.",
+        "Maximum time in seconds a caller blocks on a full queue before MlflowException "
+        "(only with spool=false).",
     ),
     Option(
         "exit_flush_timeout_s",
@@ -115,6 +117,79 @@ OPTIONS = (
         30.0,
         "Maximum time in seconds the interpreter waits at exit to send queued writes; what is "
         "left is reported with counts.",
+    ),
+    Option(
+        "flush_timeout_s",
+        _positive_float,
+        120.0,
+        "Maximum time in seconds a read of a run, or end_run, waits for the run's queued "
+        "primary metrics. end_run raises with the counts when they are not delivered by then; "
+        "they stay in the spool.",
+    ),
+    Option(
+        "strict",
+        _parse_bool,
+        False,
+        "Raise secondary failures (rejected writes, writes given up after retries) at the next "
+        "flush or end_run, and make end_run wait flush_timeout_s for the secondary too. Off: "
+        "they are logged and recorded, never raised.",
+    ),
+    Option(
+        "spool",
+        _parse_bool,
+        True,
+        "Keep queued writes in a SQLite spool on local disk until each backend acknowledges "
+        "them, so a crash or an outage loses nothing committed. Off: queued writes live in "
+        "memory only.",
+    ),
+    Option(
+        "spool_dir",
+        str,
+        None,
+        "Root directory of the spool. Unset: /local_disk0/mlflow-azdual/spool when /local_disk0 "
+        "exists and is writable (Databricks clusters), else ~/.mlflow-azdual/spool.",
+    ),
+    Option(
+        "spool_commit_interval_s",
+        _positive_float,
+        0.2,
+        "Group-commit interval of the spool in seconds: a write accepted longer ago than this "
+        "survives a crash of the process.",
+    ),
+    Option(
+        "spool_max_artifact_bytes",
+        _positive_int,
+        2 * 1024**3,
+        "Bytes of artifact copies the spool holds for secondary uploads. A larger upload is "
+        "recorded as a dead letter with a warning, or raises in strict mode.",
+    ),
+    Option(
+        "retry_initial_backoff_s",
+        _positive_float,
+        0.5,
+        "Wait in seconds before the first retry of a failed background write; it doubles on "
+        "each retry, with jitter.",
+    ),
+    Option(
+        "retry_max_backoff_s",
+        _positive_float,
+        60.0,
+        "Longest wait in seconds between two retries, unless a Retry-After header asks for "
+        "more. Also the probing interval after a write was given up.",
+    ),
+    Option(
+        "retry_attempt_timeout_s",
+        _positive_float,
+        60.0,
+        "Timeout in seconds of one background request to a backend.",
+    ),
+    Option(
+        "retry_total_s",
+        _positive_float,
+        600.0,
+        "Time in seconds a background write is retried before it is given up in this "
+        "process: logged at ERROR, reported at flush, kept in the spool for the next process "
+        "or mlflow-azdual sync.",
     ),
     Option(
         "max_batch_metrics",

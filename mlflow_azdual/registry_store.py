@@ -5,7 +5,10 @@ secondary version is found through tags (``azdual.secondary_version`` on the pri
 ``azdual.primary_version`` on the secondary one) and a cache. A version's source is translated
 to the secondary's copy of the artifacts: the secondary part of a dual artifact URI, the
 secondary run for ``runs:/``, the secondary logged model for ``models:/<model id>``. Reads go
-to the primary. A secondary failure is logged, never raised.
+to the primary. Secondary writes are queued as data (``registry.<operation>`` with its
+arguments) on the dual tracking store's secondary queue, so they are spooled, retried and
+replayed like run writes; ``apply_secondary`` sends one. A secondary failure is never raised
+outside strict mode.
 """
 
 import logging
@@ -17,6 +20,7 @@ from mlflow.store.model_registry.abstract_store import AbstractStore
 from mlflow_azdual import artifact_uri as dual_uri
 from mlflow_azdual import compat, routing
 from mlflow_azdual.mirror import Mirror
+from mlflow_azdual.single_attempt import make_single_attempt
 from mlflow_azdual.uri import parse_tracking_uri
 
 _logger = logging.getLogger(__name__)
@@ -61,8 +65,9 @@ class DualRegistryStore(AbstractStore):
             if self._primary is not None:
                 return
             config = self._config
-            self._secondary = compat.build_registry_store(
-                config.secondary_registry_uri, config.secondary_uri
+            self._secondary = make_single_attempt(
+                compat.build_registry_store(config.secondary_registry_uri, config.secondary_uri),
+                config.options["retry_attempt_timeout_s"],
             )
             self._primary = compat.build_registry_store(
                 config.primary_registry_uri, config.primary_uri
@@ -75,15 +80,21 @@ class DualRegistryStore(AbstractStore):
 
         return _get_store(self._tracking_uri)
 
-    def _mirror(self, operation, write):
-        """Queue ``write`` on the secondary queue, after the run and artifact writes before it."""
+    def _mirror(self, operation, **args):
+        """Queue ``operation`` on the secondary queue, after the run and artifact writes before it.
+
+        Without a dual tracking store to queue on, the write is sent now and a failure logged.
+        """
         if not self._config.options["mirror_registry"]:
             return
         tracking = self.tracking
         if hasattr(tracking, "enqueue_secondary"):
-            tracking.enqueue_secondary(operation, None, write)
+            tracking.enqueue_secondary(
+                _OPERATION_PREFIX + operation, None, registry_uri=self.store_uri, **args
+            )
         else:
-            self.mirror.send(operation, None, write)
+            handler = getattr(self, f"_mirror_{operation}")
+            self.mirror.send(operation, None, lambda: handler(False, **args))
 
     # Version mapping
 
@@ -99,18 +110,24 @@ class DualRegistryStore(AbstractStore):
             self._versions[key] = recorded
         return self._versions[key]
 
-    def _with_secondary_version(self, operation, name, version, write):
-        return self._mirror(operation, lambda: write(self._secondary_version(name, version)))
+    def _find_secondary_version(self, name, primary_version):
+        """Return the secondary version tagged as the mirror of ``primary_version``, or None."""
+        for candidate in self.secondary.search_model_versions(f"name='{name}'"):
+            if (candidate.tags or {}).get(PRIMARY_VERSION_TAG) == str(primary_version):
+                return candidate
+        return None
 
     # Registered models
 
     def create_registered_model(self, name, tags=None, description=None, *args, **kwargs):
         model = self.primary.create_registered_model(name, tags, description, *args, **kwargs)
         self._mirror(
-            "create_registered_model",
-            lambda: self._create_or_adopt_secondary_model(name, _tag_list(tags), description),
+            "create_registered_model", name=name, tags=_tag_list(tags), description=description
         )
         return model
+
+    def _mirror_create_registered_model(self, uncertain, name, tags, description):
+        return self._create_or_adopt_secondary_model(name, tags, description)
 
     def _create_or_adopt_secondary_model(self, name, tags, description):
         """Create the registered model on the secondary, or update one that already exists."""
@@ -142,58 +159,60 @@ class DualRegistryStore(AbstractStore):
 
     def update_registered_model(self, name, description, *args, **kwargs):
         model = self.primary.update_registered_model(name, description, *args, **kwargs)
-        self._mirror(
-            "update_registered_model",
-            lambda: self.secondary.update_registered_model(name, description),
-        )
+        self._mirror("update_registered_model", name=name, description=description)
         return model
+
+    def _mirror_update_registered_model(self, uncertain, name, description):
+        self.secondary.update_registered_model(name, description)
 
     def rename_registered_model(self, name, new_name):
         model = self.primary.rename_registered_model(name, new_name)
         for key in [key for key in self._versions if key[0] == name]:
             self._versions[(new_name, key[1])] = self._versions.pop(key)
-        self._mirror(
-            "rename_registered_model",
-            lambda: self.secondary.rename_registered_model(name, new_name),
-        )
+        self._mirror("rename_registered_model", name=name, new_name=new_name)
         return model
+
+    def _mirror_rename_registered_model(self, uncertain, name, new_name):
+        self.secondary.rename_registered_model(name, new_name)
 
     def delete_registered_model(self, name):
         self.primary.delete_registered_model(name)
         for key in [key for key in self._versions if key[0] == name]:
             del self._versions[key]
-        self._mirror(
-            "delete_registered_model", lambda: self.secondary.delete_registered_model(name)
-        )
+        self._mirror("delete_registered_model", name=name)
+
+    def _mirror_delete_registered_model(self, uncertain, name):
+        self.secondary.delete_registered_model(name)
 
     def set_registered_model_tag(self, name, tag):
         self.primary.set_registered_model_tag(name, tag)
-        self._mirror(
-            "set_registered_model_tag", lambda: self.secondary.set_registered_model_tag(name, tag)
-        )
+        self._mirror("set_registered_model_tag", name=name, tag=tag)
+
+    def _mirror_set_registered_model_tag(self, uncertain, name, tag):
+        self.secondary.set_registered_model_tag(name, tag)
 
     def delete_registered_model_tag(self, name, key):
         self.primary.delete_registered_model_tag(name, key)
-        self._mirror(
-            "delete_registered_model_tag",
-            lambda: self.secondary.delete_registered_model_tag(name, key),
-        )
+        self._mirror("delete_registered_model_tag", name=name, key=key)
+
+    def _mirror_delete_registered_model_tag(self, uncertain, name, key):
+        self.secondary.delete_registered_model_tag(name, key)
 
     def set_registered_model_alias(self, name, alias, version):
         self.primary.set_registered_model_alias(name, alias, version)
-        self._with_secondary_version(
-            "set_registered_model_alias",
-            name,
-            version,
-            lambda secondary: self.secondary.set_registered_model_alias(name, alias, secondary),
+        self._mirror("set_registered_model_alias", name=name, alias=alias, version=str(version))
+
+    def _mirror_set_registered_model_alias(self, uncertain, name, alias, version):
+        self.secondary.set_registered_model_alias(
+            name, alias, self._secondary_version(name, version)
         )
 
     def delete_registered_model_alias(self, name, alias):
         self.primary.delete_registered_model_alias(name, alias)
-        self._mirror(
-            "delete_registered_model_alias",
-            lambda: self.secondary.delete_registered_model_alias(name, alias),
-        )
+        self._mirror("delete_registered_model_alias", name=name, alias=alias)
+
+    def _mirror_delete_registered_model_alias(self, uncertain, name, alias):
+        self.secondary.delete_registered_model_alias(name, alias)
 
     # Model versions
 
@@ -208,11 +227,19 @@ class DualRegistryStore(AbstractStore):
         )
         self._mirror(
             "create_model_version",
-            lambda: self._mirror_model_version(version, source, run_id, tags, description, model_id),
+            name=version.name,
+            version=str(version.version),
+            source=source,
+            run_id=run_id,
+            tags=list(tags or []),
+            description=description,
+            model_id=model_id,
         )
         return version
 
-    def _mirror_model_version(self, version, source, run_id, tags, description, model_id):
+    def _mirror_create_model_version(
+        self, uncertain, name, version, source, run_id, tags, description, model_id
+    ):
         from mlflow.entities.model_registry import ModelVersionTag
 
         tracking = self.tracking
@@ -226,24 +253,23 @@ class DualRegistryStore(AbstractStore):
         )
         if secondary_source is None:
             raise LookupError(
-                f"source {source!r} of model version {version.name} {version.version} has no "
-                "copy on the secondary"
+                f"source {source!r} of model version {name} {version} has no copy on the secondary"
             )
 
-        self._ensure_secondary_model(version.name)
-        extra = {} if secondary_model_id is None else {"model_id": secondary_model_id}
-        secondary_tags = list(tags or []) + [
-            ModelVersionTag(PRIMARY_VERSION_TAG, str(version.version))
-        ]
-        mirrored = self.secondary.create_model_version(
-            version.name, secondary_source, secondary_run_id, secondary_tags, None, description,
-            **extra,
-        )
-        self._versions[(version.name, str(version.version))] = str(mirrored.version)
+        self._ensure_secondary_model(name)
+        # A create that was applied before a failure (a reset, a crash) is found by its tag,
+        # so the secondary never gets two versions for one primary version.
+        mirrored = self._find_secondary_version(name, version) if uncertain else None
+        if mirrored is None:
+            extra = {} if secondary_model_id is None else {"model_id": secondary_model_id}
+            secondary_tags = list(tags or []) + [ModelVersionTag(PRIMARY_VERSION_TAG, version)]
+            mirrored = self.secondary.create_model_version(
+                name, secondary_source, secondary_run_id, secondary_tags, None, description,
+                **extra,
+            )
+        self._versions[(name, version)] = str(mirrored.version)
         self.primary.set_model_version_tag(
-            version.name,
-            version.version,
-            ModelVersionTag(SECONDARY_VERSION_TAG, str(mirrored.version)),
+            name, version, ModelVersionTag(SECONDARY_VERSION_TAG, str(mirrored.version))
         )
         return mirrored
 
@@ -276,27 +302,32 @@ class DualRegistryStore(AbstractStore):
 
     def update_model_version(self, name, version, description):
         result = self.primary.update_model_version(name, version, description)
-        self._with_secondary_version(
-            "update_model_version",
-            name,
-            version,
-            lambda secondary: self.secondary.update_model_version(name, secondary, description),
+        self._mirror(
+            "update_model_version", name=name, version=str(version), description=description
         )
         return result
+
+    def _mirror_update_model_version(self, uncertain, name, version, description):
+        self.secondary.update_model_version(
+            name, self._secondary_version(name, version), description
+        )
 
     def transition_model_version_stage(self, name, version, stage, archive_existing_versions):
         result = self.primary.transition_model_version_stage(
             name, version, stage, archive_existing_versions
         )
-        self._with_secondary_version(
-            "transition_model_version_stage",
-            name,
-            version,
-            lambda secondary: self.secondary.transition_model_version_stage(
-                name, secondary, stage, archive_existing_versions
-            ),
+        self._mirror(
+            "transition_model_version_stage", name=name, version=str(version), stage=stage,
+            archive_existing_versions=archive_existing_versions,
         )
         return result
+
+    def _mirror_transition_model_version_stage(
+        self, uncertain, name, version, stage, archive_existing_versions
+    ):
+        self.secondary.transition_model_version_stage(
+            name, self._secondary_version(name, version), stage, archive_existing_versions
+        )
 
     def delete_model_version(self, name, version):
         # The mapping tag lives on the primary version, so it is read before the delete.
@@ -306,46 +337,74 @@ class DualRegistryStore(AbstractStore):
         self.primary.delete_model_version(name, version)
         self._versions.pop((name, str(version)), None)
         if secondary is not None:
-            self._mirror(
-                "delete_model_version", lambda: self.secondary.delete_model_version(name, secondary)
-            )
+            self._mirror("delete_model_version", name=name, secondary_version=str(secondary))
+
+    def _mirror_delete_model_version(self, uncertain, name, secondary_version):
+        from mlflow.exceptions import MlflowException
+
+        try:
+            self.secondary.delete_model_version(name, secondary_version)
+        except MlflowException as error:
+            # A replayed delete finds the version gone, which is the intended state.
+            if not (uncertain and error.error_code == "RESOURCE_DOES_NOT_EXIST"):
+                raise
 
     def set_model_version_tag(self, name, version, tag):
         self.primary.set_model_version_tag(name, version, tag)
-        self._with_secondary_version(
-            "set_model_version_tag",
-            name,
-            version,
-            lambda secondary: self.secondary.set_model_version_tag(name, secondary, tag),
-        )
+        self._mirror("set_model_version_tag", name=name, version=str(version), tag=tag)
+
+    def _mirror_set_model_version_tag(self, uncertain, name, version, tag):
+        self.secondary.set_model_version_tag(name, self._secondary_version(name, version), tag)
 
     def delete_model_version_tag(self, name, version, key):
         self.primary.delete_model_version_tag(name, version, key)
-        self._with_secondary_version(
-            "delete_model_version_tag",
-            name,
-            version,
-            lambda secondary: self.secondary.delete_model_version_tag(name, secondary, key),
+        self._mirror("delete_model_version_tag", name=name, version=str(version), key=key)
+
+    def _mirror_delete_model_version_tag(self, uncertain, name, version, key):
+        self.secondary.delete_model_version_tag(
+            name, self._secondary_version(name, version), key
         )
 
     def copy_model_version(self, src_mv, dst_name):
         copied = self.primary.copy_model_version(src_mv, dst_name)
-
-        def send():
-            from mlflow.entities.model_registry import ModelVersionTag
-
-            source_version = self.secondary.get_model_version(
-                src_mv.name, self._secondary_version(src_mv.name, src_mv.version)
-            )
-            mirrored = self.secondary.copy_model_version(source_version, dst_name)
-            self._versions[(dst_name, str(copied.version))] = str(mirrored.version)
-            self.primary.set_model_version_tag(
-                dst_name, copied.version, ModelVersionTag(SECONDARY_VERSION_TAG, str(mirrored.version))
-            )
-            return mirrored
-
-        self._mirror("copy_model_version", send)
+        self._mirror(
+            "copy_model_version", source_name=src_mv.name, source_version=str(src_mv.version),
+            destination_name=dst_name, destination_version=str(copied.version),
+        )
         return copied
+
+    def _mirror_copy_model_version(
+        self, uncertain, source_name, source_version, destination_name, destination_version
+    ):
+        from mlflow.entities.model_registry import ModelVersionTag
+
+        mirrored = self._find_secondary_version(destination_name, destination_version) if uncertain else None
+        if mirrored is None:
+            source = self.secondary.get_model_version(
+                source_name, self._secondary_version(source_name, source_version)
+            )
+            mirrored = self.secondary.copy_model_version(source, destination_name)
+            self.secondary.set_model_version_tag(
+                destination_name, mirrored.version,
+                ModelVersionTag(PRIMARY_VERSION_TAG, destination_version),
+            )
+        self._versions[(destination_name, destination_version)] = str(mirrored.version)
+        self.primary.set_model_version_tag(
+            destination_name, destination_version,
+            ModelVersionTag(SECONDARY_VERSION_TAG, str(mirrored.version)),
+        )
+        return mirrored
+
+
+_OPERATION_PREFIX = "registry."
+
+
+def apply_secondary(tracking, write, uncertain):
+    """Send a queued registry write (``registry.<operation>``) through its dual registry store."""
+    args = dict(write.args)
+    registry = tracking.registry_mirror(args.pop("registry_uri"))
+    handler = getattr(registry, f"_mirror_{write.operation[len(_OPERATION_PREFIX):]}")
+    return handler(uncertain or write.uncertain, **args)
 
 
 def _tag_list(tags):

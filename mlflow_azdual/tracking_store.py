@@ -3,8 +3,11 @@
 The primary (Databricks) is the source of truth. Metrics are validated at the call site with
 MLflow's own validation and queued for the primary. Every other primary write is synchronous,
 so its error raises at the call site exactly as with the primary alone, and is not mirrored.
-Every secondary (Azure ML) write goes through the secondary's FIFO queue, and the worker
-translates its ids through ``IdMapping``. A secondary failure is logged, never raised.
+Every secondary (Azure ML) write goes through the secondary's FIFO queue as data (an
+operation name and its arguments), so it can be spooled and replayed by another process; the
+worker translates its ids through ``IdMapping``. A secondary failure is retried, then logged
+and recorded (a dead letter, or a write given up and kept in the spool); it is raised only in
+strict mode, at the next flush or end_run.
 
 Order: a run's queued metrics reach the primary before any synchronous primary write to that
 run (so a run is never FINISHED before its metrics) and before any read of it
@@ -17,6 +20,7 @@ Methods that need no translation are generated from the tables in ``routing``.
 import atexit
 import copy
 import logging
+import os
 import threading
 import weakref
 
@@ -24,8 +28,9 @@ from mlflow.store.tracking.abstract_store import AbstractStore
 
 from mlflow_azdual import artifact_uri as dual_uri
 from mlflow_azdual import compat, rest_batch, routing
-from mlflow_azdual.coalesce import BatchLimits, Write
+from mlflow_azdual.coalesce import Batch, BatchLimits, Write
 from mlflow_azdual.forking import renew_after_fork
+from mlflow_azdual.idempotency import remove_delivered
 from mlflow_azdual.id_mapping import (
     PRIMARY_MODEL_ID_TAG,
     SECONDARY_MODEL_ID_TAG,
@@ -33,6 +38,8 @@ from mlflow_azdual.id_mapping import (
     SecondaryRun,
 )
 from mlflow_azdual.mirror import Mirror
+from mlflow_azdual.retry import RetryPolicy
+from mlflow_azdual.single_attempt import make_single_attempt
 from mlflow_azdual.uri import parse_tracking_uri
 from mlflow_azdual.write_queue import QueueFullError, WriteQueue, next_seq
 
@@ -62,9 +69,17 @@ class DualTrackingStore(AbstractStore):
         renew_after_fork(self, "_build_lock")
         self._order_lock = threading.Lock()
         renew_after_fork(self, "_order_lock")
+        self._spool_lock = threading.Lock()
+        renew_after_fork(self, "_spool_lock")
         self._primary = None
+        self._primary_writer = None
         self._secondary = None
         self._mapping = None
+        self._registry_mirrors = {}
+        self._spool_state = None
+        # Secondary writes rejected or given up, by primary run id ("" for other writes); raised
+        # in strict mode.
+        self._secondary_failures = {}
         # Secondary artifact locations by secondary experiment id and by primary model id.
         self._secondary_locations = {}
         self._model_locations = {}
@@ -74,20 +89,33 @@ class DualTrackingStore(AbstractStore):
         self.mirror = Mirror(self._config.secondary_uri)
 
         options = self._config.options
-        limits = BatchLimits(
+        self.limits = BatchLimits(
             max_metrics=options["max_batch_metrics"],
             max_params=options["max_batch_params"],
             max_tags=options["max_batch_tags"],
         )
+        self.policy = RetryPolicy(
+            initial_backoff_s=options["retry_initial_backoff_s"],
+            max_backoff_s=max(options["retry_max_backoff_s"], options["retry_initial_backoff_s"]),
+            attempt_timeout_s=options["retry_attempt_timeout_s"],
+            total_s=options["retry_total_s"],
+        )
         queue_options = dict(
-            limits=limits,
+            limits=self.limits,
             capacity_points=options["buffer_capacity_points"],
             flush_interval_s=options["flush_interval_s"],
             flush_threshold_points=options["flush_threshold_points"],
             backpressure_timeout_s=options["backpressure_timeout_s"],
+            policy=self.policy,
+            spool=self.spool if options["spool"] else None,
         )
-        self.primary_queue = WriteQueue("primary", self._send_primary_batch, **queue_options)
-        self.secondary_queue = WriteQueue("secondary", self._send_secondary_batch, **queue_options)
+        self.primary_queue = WriteQueue(
+            "primary", self.send_primary, on_failure=self._record_primary_failure, **queue_options
+        )
+        self.secondary_queue = WriteQueue(
+            "secondary", self.send_secondary, on_failure=self._record_secondary_failure,
+            **queue_options,
+        )
         super().__init__()
         _stores.add(self)
         _register_exit_handler()
@@ -105,7 +133,15 @@ class DualTrackingStore(AbstractStore):
         return self._primary
 
     @property
+    def primary_writer(self):
+        """The primary store the writer thread uses: each request sent once, retried by policy."""
+        if self._primary_writer is None:
+            self._build_sub_stores()
+        return self._primary_writer
+
+    @property
     def secondary(self):
+        """The secondary store, used by writer threads only: each request sent once."""
         if self._secondary is None:
             self._build_sub_stores()
         return self._secondary
@@ -120,8 +156,14 @@ class DualTrackingStore(AbstractStore):
         with self._build_lock:
             if self._mapping is not None:
                 return
+            timeout_s = self.policy.attempt_timeout_s
             primary = compat.build_tracking_store(self._config.primary_uri)
-            secondary = compat.build_tracking_store(self._config.secondary_uri)
+            self._primary_writer = make_single_attempt(
+                compat.build_tracking_store(self._config.primary_uri), timeout_s
+            )
+            secondary = make_single_attempt(
+                compat.build_tracking_store(self._config.secondary_uri), timeout_s
+            )
             self._primary, self._secondary = primary, secondary
             self._mapping = IdMapping(
                 primary, secondary, self._config.options["experiment_name_template"]
@@ -130,6 +172,54 @@ class DualTrackingStore(AbstractStore):
     def get_host_creds(self):
         """Return the primary's host credentials (MLflow uses them for links and tracing)."""
         return self.primary.get_host_creds()
+
+    # The spool
+
+    def spool(self):
+        """Return this process's spool, creating it (and starting replay of orphans) on first use.
+
+        Raises MlflowException naming the directory when the spool cannot be created.
+        """
+        state = self._spool_state
+        if state is not None and state[0] == os.getpid():
+            return state[1]
+        from mlflow_azdual import replay
+        from mlflow_azdual.spool import Spool
+
+        with self._spool_lock:
+            state = self._spool_state
+            if state is not None and state[0] == os.getpid():
+                return state[1]
+            directory = self.spool_directory()
+            try:
+                spool = Spool.create(
+                    directory,
+                    self._config.primary_uri,
+                    self._config.secondary_uri,
+                    commit_interval_s=self._config.options["spool_commit_interval_s"],
+                )
+            except Exception as error:  # noqa: BLE001 - OSError and sqlite3 errors alike.
+                from mlflow.exceptions import MlflowException
+
+                raise MlflowException(
+                    f"mlflow-azdual: cannot create the spool in {directory}: {error}. Set the "
+                    "spool_dir option (MLFLOW_AZDUAL_SPOOL_DIR) to a writable local directory, "
+                    "or spool=false to keep queued writes in memory only."
+                ) from None
+            self._spool_state = (os.getpid(), spool)
+            _live_spools.add(spool)
+        replay.resume_in_background(self, directory)
+        return spool
+
+    def spool_directory(self) -> str:
+        """Return the spool directory of this configuration (both backend URIs)."""
+        from mlflow_azdual.spool import spool_directory, spool_root
+
+        return spool_directory(
+            spool_root(self._config.options["spool_dir"]),
+            self._config.primary_uri,
+            self._config.secondary_uri,
+        )
 
     # Queues and flushing
 
@@ -144,14 +234,21 @@ class DualTrackingStore(AbstractStore):
     def flush_primary(self, run_id=None, timeout_s=None) -> bool:
         """Send the queued primary writes (of ``run_id`` only, if given) and wait for them.
 
-        Raises MlflowException if the primary rejected queued metrics of that run.
+        Waits at most ``timeout_s``, by default the ``flush_timeout_s`` option. Raises
+        MlflowException if the primary rejected queued metrics of that run.
         """
+        if timeout_s is None:
+            timeout_s = self._config.options["flush_timeout_s"]
         done = self.primary_queue.flush(timeout_s=timeout_s, run_id=run_id)
         self._raise_primary_errors(run_id)
         return done
 
     def flush(self, timeout_s=None) -> bool:
-        """Send everything queued for both backends and wait; False if ``timeout_s`` passed."""
+        """Send everything queued for both backends and wait; False if ``timeout_s`` passed.
+
+        Raises MlflowException for metrics the primary rejected and, in strict mode, for
+        secondary writes rejected or given up.
+        """
         import time
 
         deadline = None if timeout_s is None else time.monotonic() + timeout_s
@@ -159,7 +256,30 @@ class DualTrackingStore(AbstractStore):
         remaining = None if deadline is None else max(deadline - time.monotonic(), 0)
         secondary_done = self.secondary_queue.flush(timeout_s=remaining)
         self._raise_primary_errors(None)
+        if self._config.options["strict"]:
+            self._raise_secondary_failures(None, secondary_done)
         return primary_done and secondary_done
+
+    def _record_primary_failure(self, failure):
+        if not failure.dead_letter:
+            return  # Given up: still in the spool; end_run reports it through its flush timeout.
+        previous = self._primary_errors.get(failure.run_id)
+        points = failure.points + (previous[1] if previous else 0)
+        self._primary_errors[failure.run_id] = (previous[0] if previous else failure.reason, points)
+
+    def record_dead_letter(self, backend, operation, run_id, args, reason):
+        """Record a write that is not queued at all (over a cap) as a dead letter of ``backend``."""
+        from mlflow_azdual.write_queue import Failure
+
+        write = Write(next_seq(), run_id, operation=operation, args=args)
+        if self._config.options["spool"]:
+            self.spool().dead_letter(backend, write, reason)
+        queue = self.primary_queue if backend == "primary" else self.secondary_queue
+        queue.dead_letters += 1
+        queue._report(Failure(operation, run_id, reason, 1, True))
+
+    def _record_secondary_failure(self, failure):
+        self._secondary_failures.setdefault(failure.run_id or "", []).append(failure)
 
     def _raise_primary_errors(self, run_id):
         from mlflow.exceptions import MlflowException
@@ -169,25 +289,43 @@ class DualTrackingStore(AbstractStore):
             failure = self._primary_errors.pop(key, None)
             if failure is None:
                 continue
-            error, points = failure
-            code = getattr(error, "error_code", "INTERNAL_ERROR")
+            reason, points = failure
             raise MlflowException(
-                f"mlflow-azdual: the primary did not accept {points} queued metric points of "
-                f"run {key}: {error}",
-                error_code=code,
+                f"mlflow-azdual: the primary rejected {points} queued metric points of run "
+                f"{key}: {reason}. They are recorded as dead letters (mlflow-azdual status)."
             )
 
-    def _send_primary_batch(self, batch):
-        try:
-            rest_batch.log_batch(self.primary, batch.run_id, batch.metrics, batch.params, batch.tags)
-        except Exception as error:  # noqa: BLE001 - raised to the caller at the next flush.
-            _logger.error(
-                "mlflow-azdual: primary rejected %d queued metric points of run %s: %s",
-                len(batch.metrics), batch.run_id, error,
+    def _raise_secondary_failures(self, run_id, delivered=True):
+        from mlflow.exceptions import MlflowException
+
+        keys = [run_id, ""] if run_id is not None else list(self._secondary_failures)
+        failures = [f for key in keys for f in self._secondary_failures.pop(key, [])]
+        if not failures and delivered:
+            return
+        lines = [repr(failure) for failure in failures[:10]]
+        if len(failures) > 10:
+            lines.append(f"... and {len(failures) - 10} more")
+        if not delivered:
+            lines.append(
+                f"{self.secondary_queue.pending_points} queued entities were not yet "
+                "acknowledged by the secondary"
             )
-            previous = self._primary_errors.get(batch.run_id)
-            points = len(batch.metrics) + (previous[1] if previous else 0)
-            self._primary_errors[batch.run_id] = (previous[0] if previous else error, points)
+        where = f" of run {run_id}" if run_id else ""
+        raise MlflowException(
+            f"mlflow-azdual (strict mode): secondary writes{where} failed:\n  "
+            + "\n  ".join(lines)
+            + "\nThe primary has them. Undelivered writes stay in the spool: run "
+            "`mlflow-azdual status` and `mlflow-azdual sync`."
+        )
+
+    def send_primary(self, request, uncertain=False):
+        """Send one queued primary request (a metrics batch); raise on failure."""
+        metrics, params = request.metrics, request.params
+        if uncertain:
+            metrics, params = remove_delivered(self.primary_writer, request.run_id, metrics, params)
+            if not (metrics or params or request.tags):
+                return
+        rest_batch.log_batch(self.primary_writer, request.run_id, metrics, params, request.tags)
 
     def flush_async_logging(self):
         super().flush_async_logging()
@@ -206,35 +344,48 @@ class DualTrackingStore(AbstractStore):
 
     # Secondary side, run by the secondary worker
 
-    def enqueue_secondary(self, operation, run_id, call, seq=None):
-        """Queue ``call()`` for the secondary worker, which logs a failure instead of raising it.
+    def enqueue_secondary(self, operation, run_id=None, /, **args):
+        """Queue the secondary write ``operation`` with ``args`` (JSON values and MLflow entities).
 
-        Raises MlflowException only when the queue stays full (backpressure).
+        ``run_id`` is the primary run the write belongs to. Raises MlflowException only when
+        the queue stays full (backpressure, without a spool).
         """
-        write = Write(
-            seq or next_seq(),
-            run_id,
-            call=lambda: self.mirror.send(operation, run_id, call),
-            operation=operation,
-        )
+        write = Write(next_seq(), run_id, operation=operation, args=args)
         self._submit(self.secondary_queue, write)
+        return write
 
-    def _enqueue_run_write(self, operation, run_id, write_to_mirror):
-        """Queue ``write_to_mirror(secondary_run_id)`` unless the run's copy already has it."""
-        seq = next_seq()
+    def send_secondary(self, request, uncertain=False):
+        """Send one queued secondary request (a batch or an operation); raise on failure."""
+        if isinstance(request, Batch):
+            return self._mirror_log_batch(request, uncertain)
+        operation = request.operation
+        if operation.startswith(_REGISTRY_PREFIX):
+            from mlflow_azdual import registry_store
 
-        def call():
-            mirror = self._secondary_run(run_id)
-            if seq <= self._copied_through_seq.get(run_id, 0):
-                return None
-            return write_to_mirror(mirror.run_id)
+            return registry_store.apply_secondary(self, request, uncertain)
+        if operation.startswith(_ARTIFACT_PREFIX):
+            from mlflow_azdual import artifact_repository
 
-        self.enqueue_secondary(operation, run_id, call, seq)
+            return artifact_repository.apply_secondary(self, request)
+        handler = getattr(self, f"_mirror_{operation}", None)
+        if handler is None:
+            raise LookupError(f"mlflow-azdual cannot send the unknown operation {operation!r}")
+        return handler(request, uncertain, **request.args)
 
-    def _enqueue_experiment_write(self, operation, experiment_id, write):
-        self.enqueue_secondary(
-            operation, None, lambda: write(self.mapping.secondary_experiment_id(experiment_id))
-        )
+    def registry_mirror(self, registry_uri):
+        """Return the dual registry store that sends registry writes of ``registry_uri``."""
+        from mlflow_azdual.registry_store import DualRegistryStore
+
+        if registry_uri not in self._registry_mirrors:
+            self._registry_mirrors[registry_uri] = DualRegistryStore(registry_uri, self.store_uri)
+        return self._registry_mirrors[registry_uri]
+
+    def _mirror_run_id(self, write):
+        """Return the secondary run id for a run write, or None if the run's copy has it."""
+        mirror = self._secondary_run(write.run_id)
+        if write.seq <= self._copied_through_seq.get(write.run_id, 0):
+            return None
+        return mirror.run_id
 
     def _secondary_run(self, run_id) -> SecondaryRun:
         """Return the run's mirror, creating it from the primary's state if it has none."""
@@ -244,29 +395,27 @@ class DualTrackingStore(AbstractStore):
         with self._order_lock:
             horizon = next_seq()
         # The copy is read from the primary, so it must hold every write numbered before it.
-        self.primary_queue.flush()
+        self.primary_queue.flush(timeout_s=self._config.options["flush_timeout_s"])
         mirror = self.mapping.secondary_run(run_id)
         if mirror.backfilled:
             self._copied_through_seq[run_id] = horizon
         return mirror
 
-    def _send_secondary_batch(self, batch):
-        def send():
-            mirror = self._secondary_run(batch.run_id)
-            # NOTE: a batch that straddles the point where the run was copied from the primary
-            # is sent whole. Its earlier items are then duplicates, which MLflow's stores
-            # ignore for identical metrics, params and tags.
-            if batch.last_seq <= self._copied_through_seq.get(batch.run_id, 0):
-                return None
-            return rest_batch.log_batch(
-                self.secondary,
-                mirror.run_id,
-                [self._translate_metric(metric) for metric in batch.metrics],
-                batch.params,
-                self.mapping.translate_run_tags(batch.tags),
-            )
-
-        self.mirror.send("log_batch", batch.run_id, send)
+    def _mirror_log_batch(self, batch, uncertain):
+        mirror = self._secondary_run(batch.run_id)
+        # NOTE: a batch that straddles the point where the run was copied from the primary
+        # is sent whole. Its earlier items are then duplicates, which MLflow's stores
+        # ignore for identical metrics, params and tags.
+        if batch.last_seq <= self._copied_through_seq.get(batch.run_id, 0):
+            return None
+        metrics = [self._translate_metric(metric) for metric in batch.metrics]
+        params = batch.params
+        if uncertain:
+            metrics, params = remove_delivered(self.secondary, mirror.run_id, metrics, params)
+        tags = self.mapping.translate_run_tags(batch.tags)
+        if not (metrics or params or tags):
+            return None
+        return rest_batch.log_batch(self.secondary, mirror.run_id, metrics, params, tags)
 
     def secondary_artifact_root(self, mirror_of: str) -> str:
         """Return the secondary artifact location of ``run:<id>``, ``experiment:<id>``, ``model:<id>``."""
@@ -338,14 +487,14 @@ class DualTrackingStore(AbstractStore):
 
     def create_experiment(self, name, artifact_location=None, tags=None):
         experiment_id = self.primary.create_experiment(name, artifact_location, tags)
-        self.enqueue_secondary(
-            "create_experiment",
-            None,
-            lambda: self._secondary_experiment_location(
-                self.mapping.secondary_experiment_id(experiment_id)
-            ),
-        )
+        self.enqueue_secondary("create_experiment", experiment_id=experiment_id)
         return experiment_id
+
+    def _mirror_create_experiment(self, write, uncertain, experiment_id):
+        # Names are unique, so a create that was applied before a failure is adopted by name.
+        return self._secondary_experiment_location(
+            self.mapping.secondary_experiment_id(experiment_id)
+        )
 
     def get_experiment(self, experiment_id):
         return self._dual_experiment(self.primary.get_experiment(experiment_id))
@@ -361,49 +510,49 @@ class DualTrackingStore(AbstractStore):
 
     def delete_experiment(self, experiment_id):
         self.primary.delete_experiment(experiment_id)
-        self._enqueue_experiment_write(
-            "delete_experiment", experiment_id, lambda sid: self.secondary.delete_experiment(sid)
-        )
+        self.enqueue_secondary("delete_experiment", experiment_id=experiment_id)
+
+    def _mirror_delete_experiment(self, write, uncertain, experiment_id):
+        self.secondary.delete_experiment(self.mapping.secondary_experiment_id(experiment_id))
 
     def restore_experiment(self, experiment_id):
         self.primary.restore_experiment(experiment_id)
-        self._enqueue_experiment_write(
-            "restore_experiment", experiment_id, lambda sid: self.secondary.restore_experiment(sid)
-        )
+        self.enqueue_secondary("restore_experiment", experiment_id=experiment_id)
+
+    def _mirror_restore_experiment(self, write, uncertain, experiment_id):
+        self.secondary.restore_experiment(self.mapping.secondary_experiment_id(experiment_id))
 
     def rename_experiment(self, experiment_id, new_name):
+        self.primary.rename_experiment(experiment_id, new_name)
+        self.enqueue_secondary("rename_experiment", experiment_id=experiment_id, new_name=new_name)
+
+    def _mirror_rename_experiment(self, write, uncertain, experiment_id, new_name):
         from mlflow.entities import ExperimentTag
 
         from mlflow_azdual.experiment_names import secondary_experiment_name
         from mlflow_azdual.id_mapping import PRIMARY_EXPERIMENT_NAME_TAG
 
-        self.primary.rename_experiment(experiment_id, new_name)
+        secondary_id = self.mapping.secondary_experiment_id(experiment_id)
         template = self._config.options["experiment_name_template"]
-
-        def rename(secondary_id):
-            self.secondary.set_experiment_tag(
-                secondary_id, ExperimentTag(PRIMARY_EXPERIMENT_NAME_TAG, new_name)
-            )
-            self.secondary.rename_experiment(
-                secondary_id, secondary_experiment_name(new_name, template)
-            )
-
-        self._enqueue_experiment_write("rename_experiment", experiment_id, rename)
+        self.secondary.set_experiment_tag(
+            secondary_id, ExperimentTag(PRIMARY_EXPERIMENT_NAME_TAG, new_name)
+        )
+        self.secondary.rename_experiment(secondary_id, secondary_experiment_name(new_name, template))
 
     def set_experiment_tag(self, experiment_id, tag):
         self.primary.set_experiment_tag(experiment_id, tag)
-        self._enqueue_experiment_write(
-            "set_experiment_tag",
-            experiment_id,
-            lambda sid: self.secondary.set_experiment_tag(sid, tag),
-        )
+        self.enqueue_secondary("set_experiment_tag", experiment_id=experiment_id, tag=tag)
+
+    def _mirror_set_experiment_tag(self, write, uncertain, experiment_id, tag):
+        self.secondary.set_experiment_tag(self.mapping.secondary_experiment_id(experiment_id), tag)
 
     def delete_experiment_tag(self, experiment_id, key):
         self.primary.delete_experiment_tag(experiment_id, key)
-        self._enqueue_experiment_write(
-            "delete_experiment_tag",
-            experiment_id,
-            lambda sid: self.secondary.delete_experiment_tag(sid, key),
+        self.enqueue_secondary("delete_experiment_tag", experiment_id=experiment_id, key=key)
+
+    def _mirror_delete_experiment_tag(self, write, uncertain, experiment_id, key):
+        self.secondary.delete_experiment_tag(
+            self.mapping.secondary_experiment_id(experiment_id), key
         )
 
     # Runs
@@ -413,11 +562,24 @@ class DualTrackingStore(AbstractStore):
         self.enqueue_secondary(
             "create_run",
             run.info.run_id,
-            lambda: self.mapping.create_secondary_run(
-                run, experiment_id, user_id, start_time, tags, run_name
-            ),
+            experiment_id=experiment_id,
+            user_id=user_id,
+            start_time=start_time,
+            tags=list(tags or []),
+            # The primary names an unnamed run; the mirror must not get a name of its own.
+            run_name=run.info.run_name or run_name,
         )
         return self._dual_run(run)
+
+    def _mirror_create_run(
+        self, write, uncertain, experiment_id, user_id, start_time, tags, run_name
+    ):
+        # A replayed or uncertain create looks for a mirror tagged with the primary id first,
+        # so a create applied before a crash or a reset never makes a second run.
+        return self.mapping.create_secondary_run(
+            write.run_id, experiment_id, user_id, start_time, tags, run_name,
+            look_first=uncertain or write.uncertain,
+        )
 
     def get_run(self, run_id):
         self.flush_primary(run_id)
@@ -447,24 +609,66 @@ class DualTrackingStore(AbstractStore):
         return self.primary._search_runs(*args, **kwargs)
 
     def update_run_info(self, run_id, run_status, end_time, run_name):
-        self.flush_primary(run_id)
+        self._flush_before_end(run_id)
         info = self.primary.update_run_info(run_id, run_status, end_time, run_name)
-        self._enqueue_run_write(
-            "update_run_info",
-            run_id,
-            lambda sid: self.secondary.update_run_info(sid, run_status, end_time, run_name),
+        self.enqueue_secondary(
+            "update_run_info", run_id, run_status=run_status, end_time=end_time, run_name=run_name
         )
         self.secondary_queue.wake()
+        if self._config.options["strict"]:
+            delivered = self.secondary_queue.flush(
+                timeout_s=self._config.options["flush_timeout_s"], run_id=run_id
+            )
+            self._raise_secondary_failures(run_id, delivered)
         return self._dual_run_info(info)
+
+    def _flush_before_end(self, run_id):
+        """Wait for the run's queued primary metrics; raise with counts if they are not delivered.
+
+        The run is then not updated on the primary, so it is never FINISHED without its metrics.
+        """
+        timeout_s = self._config.options["flush_timeout_s"]
+        if self.flush_primary(run_id, timeout_s=timeout_s):
+            return
+        from mlflow.exceptions import MlflowException
+
+        pending = self.primary_queue.pending_points
+        spool = self._spool_state[1] if self._spool_state else None
+        where = (
+            f"They stay in the spool ({spool.path}) and are sent when the primary answers again, "
+            "by this process or by `mlflow-azdual sync`."
+            if spool is not None
+            else "The spool is off, so they are lost if this process ends first."
+        )
+        raise MlflowException(
+            f"mlflow-azdual: the primary did not acknowledge the queued metrics of run {run_id} "
+            f"within flush_timeout_s={timeout_s:g} s ({pending} entities queued for the primary "
+            f"in all). The run was not marked finished on the primary. {where}"
+        )
+
+    def _mirror_update_run_info(self, write, uncertain, run_status, end_time, run_name):
+        run_id = self._mirror_run_id(write)
+        if run_id is not None:
+            self.secondary.update_run_info(run_id, run_status, end_time, run_name)
 
     def delete_run(self, run_id):
         self.flush_primary(run_id)
         self.primary.delete_run(run_id)
-        self._enqueue_run_write("delete_run", run_id, lambda sid: self.secondary.delete_run(sid))
+        self.enqueue_secondary("delete_run", run_id)
+
+    def _mirror_delete_run(self, write, uncertain):
+        run_id = self._mirror_run_id(write)
+        if run_id is not None:
+            self.secondary.delete_run(run_id)
 
     def restore_run(self, run_id):
         self.primary.restore_run(run_id)
-        self._enqueue_run_write("restore_run", run_id, lambda sid: self.secondary.restore_run(sid))
+        self.enqueue_secondary("restore_run", run_id)
+
+    def _mirror_restore_run(self, write, uncertain):
+        run_id = self._mirror_run_id(write)
+        if run_id is not None:
+            self.secondary.restore_run(run_id)
 
     def log_metric(self, run_id, metric):
         from mlflow.utils.validation import _validate_metric
@@ -510,7 +714,20 @@ class DualTrackingStore(AbstractStore):
     def delete_tag(self, run_id, key):
         self.flush_primary(run_id)
         self.primary.delete_tag(run_id, key)
-        self._enqueue_run_write("delete_tag", run_id, lambda sid: self.secondary.delete_tag(sid, key))
+        self.enqueue_secondary("delete_tag", run_id, key=key)
+
+    def _mirror_delete_tag(self, write, uncertain, key):
+        from mlflow.exceptions import MlflowException
+
+        run_id = self._mirror_run_id(write)
+        if run_id is None:
+            return
+        try:
+            self.secondary.delete_tag(run_id, key)
+        except MlflowException as error:
+            # Deleting a tag twice (a replay) finds it gone, which is the intended state.
+            if not (uncertain and error.error_code == "RESOURCE_DOES_NOT_EXIST"):
+                raise
 
     def log_batch(self, run_id, metrics, params, tags):
         from mlflow.utils.validation import _validate_batch_log_data
@@ -527,34 +744,40 @@ class DualTrackingStore(AbstractStore):
         extra = {} if models is None else {"models": models}
         self.flush_primary(run_id)
         self.primary.log_inputs(run_id, datasets=datasets, **extra)
+        self.enqueue_secondary(
+            "log_inputs", run_id, datasets=list(datasets or []),
+            models=None if models is None else list(models),
+        )
 
-        def send(secondary_run_id):
-            mirrored = dict(extra)
-            if models is not None:
-                mirrored["models"] = self._translate_model_refs(models)
-            return self.secondary.log_inputs(secondary_run_id, datasets=datasets, **mirrored)
-
-        self._enqueue_run_write("log_inputs", run_id, send)
+    def _mirror_log_inputs(self, write, uncertain, datasets, models):
+        run_id = self._mirror_run_id(write)
+        if run_id is None:
+            return
+        extra = {} if models is None else {"models": self._translate_model_refs(models)}
+        self.secondary.log_inputs(run_id, datasets=datasets, **extra)
 
     def log_outputs(self, run_id, models):
         self.flush_primary(run_id)
         self.primary.log_outputs(run_id, models)
-        self._enqueue_run_write(
-            "log_outputs",
-            run_id,
-            lambda sid: self.secondary.log_outputs(sid, self._translate_model_refs(models)),
-        )
+        self.enqueue_secondary("log_outputs", run_id, models=list(models))
+
+    def _mirror_log_outputs(self, write, uncertain, models):
+        run_id = self._mirror_run_id(write)
+        if run_id is not None:
+            self.secondary.log_outputs(run_id, self._translate_model_refs(models))
 
     def record_logged_model(self, run_id, mlflow_model):
         self.flush_primary(run_id)
         self.primary.record_logged_model(run_id, mlflow_model)
+        self.enqueue_secondary("record_logged_model", run_id, mlflow_model=copy.deepcopy(mlflow_model))
+
+    def _mirror_record_logged_model(self, write, uncertain, mlflow_model):
+        run_id = self._mirror_run_id(write)
+        if run_id is None:
+            return
         mirrored = copy.deepcopy(mlflow_model)
-
-        def send(secondary_run_id):
-            mirrored.run_id = secondary_run_id
-            return self.secondary.record_logged_model(secondary_run_id, mirrored)
-
-        self._enqueue_run_write("record_logged_model", run_id, send)
+        mirrored.run_id = run_id
+        self.secondary.record_logged_model(run_id, mirrored)
 
     def _translate_metric(self, metric):
         model_id = getattr(metric, "model_id", None)
@@ -568,7 +791,7 @@ class DualTrackingStore(AbstractStore):
         """Return logged-model inputs or outputs with model ids of the secondary; drop unmapped."""
         translated = []
         for reference in references or []:
-            secondary_id = self.mapping.cached_secondary_model_id(reference.model_id)
+            secondary_id = self.mapping.secondary_model_id(reference.model_id)
             if secondary_id is None:
                 continue
             mirrored = copy.copy(reference)
@@ -588,81 +811,97 @@ class DualTrackingStore(AbstractStore):
         self.enqueue_secondary(
             "create_logged_model",
             arguments.get("source_run_id"),
-            lambda: self._mirror_logged_model(model, arguments),
+            model_id=model.model_id,
+            arguments={key: list(value) if isinstance(value, tuple) else value
+                       for key, value in arguments.items()},
         )
         return self._dual_logged_model(model)
 
-    def _mirror_logged_model(self, model, arguments):
+    def _mirror_create_logged_model(self, write, uncertain, model_id, arguments):
         from mlflow.entities import LoggedModelTag
 
         arguments = dict(arguments)
         arguments["experiment_id"] = self.mapping.secondary_experiment_id(arguments["experiment_id"])
+        if uncertain or write.uncertain:
+            found = self.mapping.find_secondary_model(model_id, arguments["experiment_id"])
+            if found is not None:
+                return self._remember_model_mirror(model_id, found)
         if arguments.get("source_run_id"):
             arguments["source_run_id"] = self._secondary_run(arguments["source_run_id"]).run_id
         arguments["tags"] = list(arguments.get("tags") or []) + [
-            LoggedModelTag(PRIMARY_MODEL_ID_TAG, model.model_id)
+            LoggedModelTag(PRIMARY_MODEL_ID_TAG, model_id)
         ]
-        mirrored = self.secondary.create_logged_model(**arguments)
-        self.mapping.remember_model(model.model_id, mirrored.model_id)
-        self._model_locations[model.model_id] = mirrored.artifact_location
+        return self._remember_model_mirror(model_id, self.secondary.create_logged_model(**arguments))
+
+    def _remember_model_mirror(self, model_id, mirrored):
+        from mlflow.entities import LoggedModelTag
+
+        self.mapping.remember_model(model_id, mirrored.model_id)
+        self._model_locations[model_id] = mirrored.artifact_location
         self.primary.set_logged_model_tags(
-            model.model_id, [LoggedModelTag(SECONDARY_MODEL_ID_TAG, mirrored.model_id)]
+            model_id, [LoggedModelTag(SECONDARY_MODEL_ID_TAG, mirrored.model_id)]
         )
         return mirrored
 
     def get_logged_model(self, model_id, *args, **kwargs):
         return self._dual_logged_model(self.primary.get_logged_model(model_id, *args, **kwargs))
 
-    def _enqueue_model_write(self, operation, model_id, write):
-        def call():
-            secondary_id = self.mapping.secondary_model_id(model_id)
-            if secondary_id is None:
-                self.mirror.record_unsupported(
-                    operation, "the logged model has no mirror on the secondary"
-                )
-                return None
-            return write(secondary_id)
-
-        self.enqueue_secondary(operation, None, call)
+    def _secondary_model_id(self, operation, model_id):
+        secondary_id = self.mapping.secondary_model_id(model_id)
+        if secondary_id is None:
+            self.mirror.record_unsupported(operation, "the logged model has no mirror on the secondary")
+        return secondary_id
 
     def finalize_logged_model(self, model_id, status):
         model = self.primary.finalize_logged_model(model_id, status)
-        self._enqueue_model_write(
-            "finalize_logged_model",
-            model_id,
-            lambda sid: self.secondary.finalize_logged_model(sid, status),
-        )
+        self.enqueue_secondary("finalize_logged_model", model_id=model_id, status=status)
         return self._dual_logged_model(model)
+
+    def _mirror_finalize_logged_model(self, write, uncertain, model_id, status):
+        secondary_id = self._secondary_model_id(write.operation, model_id)
+        if secondary_id is not None:
+            self.secondary.finalize_logged_model(secondary_id, status)
 
     def set_logged_model_tags(self, model_id, tags):
         self.primary.set_logged_model_tags(model_id, tags)
-        self._enqueue_model_write(
-            "set_logged_model_tags",
-            model_id,
-            lambda sid: self.secondary.set_logged_model_tags(sid, tags),
-        )
+        self.enqueue_secondary("set_logged_model_tags", model_id=model_id, tags=list(tags))
+
+    def _mirror_set_logged_model_tags(self, write, uncertain, model_id, tags):
+        secondary_id = self._secondary_model_id(write.operation, model_id)
+        if secondary_id is not None:
+            self.secondary.set_logged_model_tags(secondary_id, tags)
 
     def delete_logged_model_tag(self, model_id, key):
         self.primary.delete_logged_model_tag(model_id, key)
-        self._enqueue_model_write(
-            "delete_logged_model_tag",
-            model_id,
-            lambda sid: self.secondary.delete_logged_model_tag(sid, key),
-        )
+        self.enqueue_secondary("delete_logged_model_tag", model_id=model_id, key=key)
+
+    def _mirror_delete_logged_model_tag(self, write, uncertain, model_id, key):
+        secondary_id = self._secondary_model_id(write.operation, model_id)
+        if secondary_id is not None:
+            self.secondary.delete_logged_model_tag(secondary_id, key)
 
     def delete_logged_model(self, model_id):
         self.primary.delete_logged_model(model_id)
-        self._enqueue_model_write(
-            "delete_logged_model", model_id, lambda sid: self.secondary.delete_logged_model(sid)
-        )
+        self.enqueue_secondary("delete_logged_model", model_id=model_id)
+
+    def _mirror_delete_logged_model(self, write, uncertain, model_id):
+        secondary_id = self._secondary_model_id(write.operation, model_id)
+        if secondary_id is not None:
+            self.secondary.delete_logged_model(secondary_id)
 
     def log_logged_model_params(self, model_id, params):
         self.primary.log_logged_model_params(model_id, params)
-        self._enqueue_model_write(
-            "log_logged_model_params",
-            model_id,
-            lambda sid: self.secondary.log_logged_model_params(sid, params),
-        )
+        self.enqueue_secondary("log_logged_model_params", model_id=model_id, params=list(params))
+
+    def _mirror_log_logged_model_params(self, write, uncertain, model_id, params):
+        secondary_id = self._secondary_model_id(write.operation, model_id)
+        if secondary_id is not None:
+            self.secondary.log_logged_model_params(secondary_id, params)
+
+
+_REGISTRY_PREFIX = "registry."
+_ARTIFACT_PREFIX = "artifact."
+_live_spools = weakref.WeakSet()
 
 
 routing.install_routes(
@@ -705,7 +944,11 @@ def _end_active_run():
 
 
 def _flush_at_exit():
-    """Send queued writes at interpreter exit, for at most ``exit_flush_timeout_s``."""
+    """Send queued writes at interpreter exit, for at most ``exit_flush_timeout_s``.
+
+    A queue whose backend is failing is not waited for: its writes are already in the spool,
+    which is committed and closed here, for the next process or ``mlflow-azdual sync``.
+    """
     import time
 
     stores = list(_stores)
@@ -719,17 +962,29 @@ def _flush_at_exit():
     timeout_s = max(store.config.options["exit_flush_timeout_s"] for store in stores)
     deadline = time.monotonic() + timeout_s
     for store in stores:
+        spool = store._spool_state[1] if store._spool_state else None
         for queue in (store.primary_queue, store.secondary_queue):
-            remaining = max(deadline - time.monotonic(), 0)
+            failing = queue.retrying or queue.stalled_since_s is not None
+            remaining = 0 if failing else max(deadline - time.monotonic(), 0)
             if queue.flush(timeout_s=remaining):
                 continue
-            _logger.error(
-                "mlflow-azdual: exit flush timed out after %.0f s; %d queued entities for the "
-                "%s backend were not sent",
-                timeout_s, queue.pending_points, queue.backend,
+            left = (
+                f"they stay in the spool {spool.path} for the next process or `mlflow-azdual sync`"
+                if spool is not None
+                else "they are lost, because the spool is off"
             )
-        for run_id, (error, points) in list(store._primary_errors.items()):
+            reason = "the backend is failing" if failing else f"timed out after {timeout_s:.0f} s"
             _logger.error(
-                "mlflow-azdual: the primary did not accept %d metric points of run %s: %s",
-                points, run_id, error,
+                "mlflow-azdual: exit flush of the %s backend stopped (%s); %d queued entities "
+                "were not sent and %s",
+                queue.backend, reason, queue.pending_points, left,
+            )
+        for queue in (store.primary_queue, store.secondary_queue):
+            queue.stop()
+        if spool is not None:
+            spool.close(remove_if_empty=True)
+        for run_id, (reason, points) in list(store._primary_errors.items()):
+            _logger.error(
+                "mlflow-azdual: the primary rejected %d metric points of run %s: %s",
+                points, run_id, reason,
             )

@@ -72,6 +72,36 @@ def redact_uri(uri: str) -> str:
     return urllib.parse.urlunsplit((parsed.scheme, netloc, parsed.path, query, parsed.fragment))
 
 
+# Secrets as they appear in error texts: bearer tokens, user info in URLs, key=value pairs
+# (query strings, connection strings), JSON fields, and the well-known Azurite/Azure account key
+# shape (base64 of 64 bytes).
+_TEXT_SECRETS = (
+    (re.compile(r"(?i)\b(bearer|basic)\s+[A-Za-z0-9._~+/=-]+"), r"\1 ***"),
+    (re.compile(r"(?i)(://)[^/@\s]+@"), r"\1***@"),
+    (
+        re.compile(
+            r"(?i)\b([A-Za-z_]*(?:token|secret|password|passwd|accountkey|sharedaccesskey|sig|"
+            r"credential|apikey|api_key)[A-Za-z_]*)(\"?\s*[=:]\s*\"?)[^\s&;,\"']+"
+        ),
+        r"\1\2***",
+    ),
+    (re.compile(r"\b[A-Za-z0-9+/]{86}==(?![A-Za-z0-9+/=])"), "***"),
+    (re.compile(r"\beyJ[A-Za-z0-9_-]+\.[A-Za-z0-9_-]+\.[A-Za-z0-9_-]*"), "***"),
+)
+
+
+def redact_text(text: str) -> str:
+    """Return ``text`` (an error message, a log line) with secret-looking values replaced by ``***``.
+
+    Covers bearer and basic credentials, user info in URLs, ``name=value`` and JSON pairs whose
+    name looks secret (token, secret, password, AccountKey, SharedAccessKey, sig, credential,
+    api key), Azure storage account keys and JWTs. A secret in another shape is not recognised.
+    """
+    for pattern, replacement in _TEXT_SECRETS:
+        text = pattern.sub(replacement, text)
+    return text
+
+
 def _redact_nested(value: str) -> str:
     # A query value can itself be a URI (primary=, secondary=) with a token inside.
     if "://" in value or "?" in value:

@@ -26,6 +26,7 @@ Control endpoint (GET only, one JSON object per response):
   /down?seconds=N
                close the listening socket and every client connection, so new clients get
                "connection refused", then listen on the same port again after N seconds
+  /up          end a /down now and listen again at once
   /reject?status=429|503&count=K[&retry_after_s=S]
                respond to the next K requests with that status from the proxy itself, with an
                MLflow-style JSON error body and, when S is given, `Retry-After: S`. The
@@ -267,6 +268,13 @@ class Forwarder:
             "down: closed the listener on port %d and %d client connections for %g s",
             self.listen_port, len(connections), seconds,
         )
+
+    def come_up(self) -> None:
+        """End a /down now: listen again at once instead of when its time runs out."""
+        if self._relisten_task is None:
+            return
+        self._relisten_task.cancel()
+        self._relisten_task = asyncio.ensure_future(self._relisten_after(0))
 
     async def _relisten_after(self, seconds: float) -> None:
         await asyncio.sleep(seconds)
@@ -593,6 +601,7 @@ class ControlServer:
             "/stall": self._stall,
             "/resume": self._resume,
             "/down": self._down,
+            "/up": self._up,
             "/reject": self._reject,
             "/reset-after-forward": self._reset_after_forward,
             "/stats": self._stats,
@@ -685,6 +694,12 @@ class ControlServer:
         if self.forwarder is None:
             return 409, {"error": "this control endpoint has no forwarder to take down"}
         self.forwarder.go_down(seconds)
+        return 200, self.state.snapshot()
+
+    def _up(self, query: dict) -> tuple[int, dict]:
+        if self.forwarder is None:
+            return 409, {"error": "this control endpoint has no forwarder to bring up"}
+        self.forwarder.come_up()
         return 200, self.state.snapshot()
 
     def _reject(self, query: dict) -> tuple[int, dict]:
@@ -823,6 +838,10 @@ class ProxyControl:
     def down(self, seconds: float) -> dict:
         """Close the proxy's listener and connections, and listen again after `seconds`."""
         return self._get(f"/down?seconds={seconds:g}")
+
+    def up(self) -> dict:
+        """End a down period now: the proxy listens again at once."""
+        return self._get("/up")
 
     def reject(self, status: int, count: int, retry_after_s: int | None = None) -> dict:
         """Respond to the next `count` requests with `status` (429 or 503) from the proxy."""
@@ -989,6 +1008,9 @@ class LatencyProxy:
 
     def down(self, seconds: float) -> dict:
         return self._require_control().down(seconds)
+
+    def up(self) -> dict:
+        return self._require_control().up()
 
     def reject(self, status: int, count: int, retry_after_s: int | None = None) -> dict:
         return self._require_control().reject(status, count, retry_after_s)

@@ -8,6 +8,7 @@ gets the end of every server log.
 """
 
 import os
+import tempfile
 
 import pytest
 
@@ -18,6 +19,8 @@ from rig.guard import install as install_loopback_guard
 install_loopback_guard()
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 os.environ.setdefault("DO_NOT_TRACK", "true")
+# Spool files of the tests stay out of the user's home directory.
+os.environ.setdefault("MLFLOW_AZDUAL_SPOOL_DIR", tempfile.mkdtemp(prefix="mlflow-azdual-test-spool-"))
 
 _RIG_KEY = pytest.StashKey[Rig]()
 

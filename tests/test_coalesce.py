@@ -14,7 +14,7 @@ def metric_write(seq, run_id, count=1, key="loss"):
 
 
 def call_write(seq, run_id="a"):
-    return Write(seq, run_id, call=lambda: None, operation="update_run_info")
+    return Write(seq, run_id, operation="update_run_info", args={})
 
 
 def test_consecutive_metrics_merge_into_one_batch():

@@ -16,4 +16,4 @@ def test_quantity_options_name_units():
     quantities = [option for option in OPTIONS if isinstance(option.default, (int, float))]
     quantities = [option for option in quantities if not isinstance(option.default, bool)]
     for option in quantities:
-        assert option.name.endswith(("_s", "_points", "_metrics", "_params", "_tags")), option.name
+        assert option.name.endswith(("_s", "_points", "_metrics", "_params", "_tags", "_bytes")), option.name
