@@ -12,7 +12,6 @@ secondary failures, including a failed copy, are logged and never raised. Listin
 downloads read from the primary and fall back to the secondary when the primary fails.
 """
 
-import logging
 import os
 import shutil
 import tempfile
@@ -22,9 +21,10 @@ from mlflow.store.artifact.artifact_repo import ArtifactRepository
 
 from mlflow_azdual import artifact_uri as dual_uri
 from mlflow_azdual import compat
+from mlflow_azdual.logs import get_logger
 from mlflow_azdual.mirror import Mirror
 
-_logger = logging.getLogger(__name__)
+_logger = get_logger(__name__)
 
 def build_artifact_repository(artifact_uri, tracking_uri=None, registry_uri=None, **_):
     """Build the repository for a dual artifact URI (MLflow's ``mlflow.artifact_repository``).

@@ -42,7 +42,9 @@ def build_artifact_repository(artifact_uri: str, tracking_uri=None, registry_uri
 
     ``tracking_uri=`` was added to MLflow's repository registry in 3.2, ``registry_uri=`` in 3.5.
     """
-    from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
+    from mlflow.store.artifact.artifact_repository_registry import (
+        get_artifact_repository,
+    )
 
     parameters = _parameter_names(get_artifact_repository)
     keywords = {}

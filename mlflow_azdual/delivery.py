@@ -20,10 +20,11 @@ import time
 from typing import Callable, Optional
 
 from mlflow_azdual.coalesce import Batch
+from mlflow_azdual.logs import get_logger
 from mlflow_azdual.retry import RateLimitedLogger, RetryPolicy, classify
 from mlflow_azdual.uri import redact_text
 
-_logger = logging.getLogger(__name__)
+_logger = get_logger(__name__)
 _rate_limited = RateLimitedLogger(_logger)
 
 DELIVERED = "delivered"

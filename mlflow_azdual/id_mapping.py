@@ -8,14 +8,14 @@ status). Lookups are serialised by one lock, so one process never creates two mi
 """
 
 import dataclasses
-import logging
 import threading
 from typing import Optional
 
 from mlflow_azdual.experiment_names import disambiguate, secondary_experiment_name
 from mlflow_azdual.forking import renew_after_fork
+from mlflow_azdual.logs import get_logger
 
-_logger = logging.getLogger(__name__)
+_logger = get_logger(__name__)
 
 TAG_PREFIX = "azdual."
 # On primary objects: the id of the mirror on the secondary.

@@ -6,16 +6,16 @@ Repeats of the same operation within ``WARNING_INTERVAL_S`` are counted but not 
 Writes run on the caller's thread, in call order.
 """
 
-import logging
 import threading
 import time
 from collections import Counter
 from typing import Callable, Optional
 
 from mlflow_azdual.forking import renew_after_fork
+from mlflow_azdual.logs import get_logger
 from mlflow_azdual.uri import redact_uri
 
-_logger = logging.getLogger(__name__)
+_logger = get_logger(__name__)
 
 WARNING_INTERVAL_S = 10.0
 

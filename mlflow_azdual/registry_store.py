@@ -11,7 +11,6 @@ replayed like run writes; ``apply_secondary`` sends one. A secondary failure is 
 outside strict mode.
 """
 
-import logging
 import threading
 import urllib.parse
 
@@ -19,11 +18,12 @@ from mlflow.store.model_registry.abstract_store import AbstractStore
 
 from mlflow_azdual import artifact_uri as dual_uri
 from mlflow_azdual import compat, routing
+from mlflow_azdual.logs import get_logger
 from mlflow_azdual.mirror import Mirror
 from mlflow_azdual.single_attempt import make_single_attempt
 from mlflow_azdual.uri import parse_tracking_uri
 
-_logger = logging.getLogger(__name__)
+_logger = get_logger(__name__)
 
 SECONDARY_VERSION_TAG = "azdual.secondary_version"
 PRIMARY_VERSION_TAG = "azdual.primary_version"

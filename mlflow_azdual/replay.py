@@ -19,15 +19,15 @@ process's own spool is created; ``mlflow-azdual sync`` runs it in the foreground
 """
 
 import dataclasses
-import logging
 import threading
 from typing import Callable, Dict, List, Optional
 
 from mlflow_azdual import idempotency
 from mlflow_azdual.coalesce import coalesce
 from mlflow_azdual.delivery import DELIVERED, REJECTED, Delivery, writes_of
+from mlflow_azdual.logs import get_logger
 
-_logger = logging.getLogger(__name__)
+_logger = get_logger(__name__)
 
 BACKENDS = ("primary", "secondary")
 _CHUNK_WRITES = 1000
@@ -88,7 +88,12 @@ def replay_directory(
 ) -> ReplayResult:
     """Replay every orphaned spool file in ``directory``; ``progress(done, total)`` is called
     as writes are settled (delivered or rejected)."""
-    from mlflow_azdual.spool import ClaimedSpool, SpoolFileError, orphan_files, quarantine
+    from mlflow_azdual.spool import (
+        ClaimedSpool,
+        SpoolFileError,
+        orphan_files,
+        quarantine,
+    )
 
     result = ReplayResult()
     claimed_files = []
@@ -149,17 +154,27 @@ def _replay_backend(store, claimed, backend, result, advance, stop) -> None:
                 unsettled_ids |= ids
                 continue
             outcome = delivery.deliver(request)
-            if outcome.status == DELIVERED:
-                settled_ids |= ids
-            elif outcome.status == REJECTED:
-                for write in writes_of(request):
-                    claimed.dead_letter(write, backend, outcome.reason)
-                rejected += len(ids)
-                delivery.log_rejection(request, outcome.reason, f" in {claimed.path}")
-            else:
-                delivery.log_give_up(request, outcome.reason, f"the writes stay in {claimed.path}")
-                unsettled_ids |= ids
-                stopped = True
+            parts = [(request, outcome)]
+            if outcome.status == REJECTED and len(writes_of(request)) > 1:
+                # Each write on its own, so one bad item does not reject the others.
+                parts = [
+                    (part, delivery.deliver(part))
+                    for write in writes_of(request)
+                    for part in coalesce([write], store.limits)
+                ]
+            for part, outcome in parts:
+                part_ids = {write.spool_id for write in writes_of(part)}
+                if outcome.status == DELIVERED:
+                    settled_ids |= part_ids
+                elif outcome.status == REJECTED:
+                    for write in writes_of(part):
+                        claimed.dead_letter(write, backend, outcome.reason)
+                    rejected += len(part_ids)
+                    delivery.log_rejection(part, outcome.reason, f" in {claimed.path}")
+                else:
+                    delivery.log_give_up(part, outcome.reason, f"the writes stay in {claimed.path}")
+                    unsettled_ids |= part_ids
+                    stopped = True
         delivered = settled_ids - unsettled_ids
         claimed.ack_ids(sorted(delivered))
         result.delivered[backend] += len(delivered)

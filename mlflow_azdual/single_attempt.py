@@ -12,11 +12,11 @@ changed; a store class with its own (a plugin's) keeps its behaviour.
 """
 
 import json
-import logging
 
+from mlflow_azdual.logs import get_logger
 from mlflow_azdual.retry import BackendHttpError, parse_retry_after_s
 
-_logger = logging.getLogger(__name__)
+_logger = get_logger(__name__)
 
 
 def _rest_store_classes():
@@ -84,8 +84,9 @@ def _http_error(response, endpoint) -> BackendHttpError:
         message = document.get("message", message)
     except (ValueError, AttributeError):
         pass
+    code = f" {error_code}" if error_code else ""
     return BackendHttpError(
-        f"{endpoint} returned HTTP {response.status_code}: {message}",
+        f"{endpoint} returned HTTP {response.status_code}{code}: {message}",
         http_status=response.status_code,
         error_code=error_code,
         retry_after_s=parse_retry_after_s(response.headers.get("Retry-After")),

@@ -14,7 +14,6 @@ import contextlib
 import fcntl
 import glob
 import hashlib
-import logging
 import os
 import pathlib
 import secrets
@@ -27,9 +26,10 @@ from collections.abc import Iterable, Sequence
 
 from mlflow_azdual.coalesce import Write
 from mlflow_azdual.codec import decode_write, encode_write
+from mlflow_azdual.logs import get_logger
 from mlflow_azdual.uri import redact_uri
 
-_logger = logging.getLogger(__name__)
+_logger = get_logger(__name__)
 
 FORMAT = "mlflow-azdual-spool"
 FORMAT_VERSION = 1

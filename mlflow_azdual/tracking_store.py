@@ -19,7 +19,6 @@ Methods that need no translation are generated from the tables in ``routing``.
 
 import atexit
 import copy
-import logging
 import os
 import threading
 import weakref
@@ -30,20 +29,21 @@ from mlflow_azdual import artifact_uri as dual_uri
 from mlflow_azdual import compat, rest_batch, routing
 from mlflow_azdual.coalesce import Batch, BatchLimits, Write
 from mlflow_azdual.forking import renew_after_fork
-from mlflow_azdual.idempotency import remove_delivered
 from mlflow_azdual.id_mapping import (
     PRIMARY_MODEL_ID_TAG,
     SECONDARY_MODEL_ID_TAG,
     IdMapping,
     SecondaryRun,
 )
+from mlflow_azdual.idempotency import remove_delivered
+from mlflow_azdual.logs import get_logger
 from mlflow_azdual.mirror import Mirror
 from mlflow_azdual.retry import RetryPolicy
 from mlflow_azdual.single_attempt import make_single_attempt
 from mlflow_azdual.uri import parse_tracking_uri
 from mlflow_azdual.write_queue import QueueFullError, WriteQueue, next_seq
 
-_logger = logging.getLogger(__name__)
+_logger = get_logger(__name__)
 
 _stores = weakref.WeakSet()
 _exit_handler_lock = threading.Lock()

@@ -25,7 +25,6 @@ the backend every ``policy.max_backoff_s`` so that a backend that returns later 
 
 import collections
 import itertools
-import logging
 import os
 import threading
 import time
@@ -34,11 +33,17 @@ from typing import Callable, List, Optional
 
 from mlflow_azdual.coalesce import Batch, BatchLimits, Write, coalesce
 from mlflow_azdual.delivery import (
-    DELIVERED, REJECTED, Delivery, operation_of, size_of, writes_of,
+    DELIVERED,
+    REJECTED,
+    Delivery,
+    operation_of,
+    size_of,
+    writes_of,
 )
+from mlflow_azdual.logs import get_logger
 from mlflow_azdual.retry import RetryPolicy
 
-_logger = logging.getLogger(__name__)
+_logger = get_logger(__name__)
 
 # One sequence for every queue of the process, so that writes can be ordered across backends.
 _sequence = itertools.count(1)
@@ -351,6 +356,14 @@ class WriteQueue:
             on_recovered=lambda: self._recovered(request),
         )
         self.retries = delivery.retries
+        if outcome.status == REJECTED and isinstance(request, Batch) and len(request.writes) > 1:
+            # One bad item must not cost the other writes merged into the batch: each write
+            # is sent on its own, and only the ones rejected again become dead letters.
+            for write in request.writes:
+                write.uncertain = True
+                for part in coalesce([write], self.limits):
+                    self._deliver(part, spool)
+            return
         if outcome.status == REJECTED:
             self.dead_letters += 1
             if spool is not None:
