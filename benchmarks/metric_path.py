@@ -157,7 +157,12 @@ class Bench:
         python_path = os.pathsep.join(
             filter(None, [str(GUARD_PATH), str(REPO_ROOT), os.environ.get("PYTHONPATH")])
         )
-        return {**os.environ, **self.rig.env, "PYTHONPATH": python_path}
+        # The spool (on by default) goes to the work dir, not the user's home.
+        spool_dir = str(self.work_dir / "spool")
+        return {
+            **os.environ, **self.rig.env, "PYTHONPATH": python_path,
+            "MLFLOW_AZDUAL_SPOOL_DIR": os.environ.get("MLFLOW_AZDUAL_SPOOL_DIR", spool_dir),
+        }
 
     def run_child(self, measurement: str, **params) -> dict:
         """Run one measurement in a child process and return its result.
