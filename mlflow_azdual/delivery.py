@@ -1,4 +1,4 @@
-"""Send one request to a backend under a retry policy, and say how it ended.
+"""Send one request to a backend under a retry policy, and report how it ended.
 
 ``deliver`` runs ``send(request, uncertain)`` until it succeeds, the backend rejects it for
 good, or the policy's time budget runs out. A transient failure (see ``retry.classify``) is
@@ -54,7 +54,7 @@ def writes_of(request) -> list:
 
 
 class Outcome:
-    """How a delivery ended: ``status`` is DELIVERED, REJECTED, GIVEN_UP or STOPPED."""
+    """The end of a delivery: ``status`` is DELIVERED, REJECTED, GIVEN_UP or STOPPED."""
 
     __slots__ = ("status", "reason")
 

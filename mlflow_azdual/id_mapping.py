@@ -56,6 +56,8 @@ class IdMapping:
         renew_after_fork(self, "_lock", threading.RLock)
         self._experiments = {}
         self._runs = {}
+        # Runs whose mirror exists but whose primary tag could not be written yet.
+        self._unrecorded_runs = set()
         self._models = {}
 
     # Experiments
@@ -213,6 +215,8 @@ class IdMapping:
         with self._lock:
             cached = self._runs.get(primary_run_id)
             if cached is not None:
+                if primary_run_id in self._unrecorded_runs:
+                    self._record_run_mapping(primary_run_id, cached.run_id)
                 return cached
             if look_first:
                 found = self._find_secondary_run(primary_run_id, experiment_id)
@@ -238,9 +242,12 @@ class IdMapping:
         return SecondaryRun(found[0].info.run_id, found[0].info.artifact_uri)
 
     def _record_run_mapping(self, primary_run_id, secondary_run_id):
+        """Tag the primary run with its mirror; on failure, remember to tag it on the retry."""
         from mlflow.entities import RunTag
 
+        self._unrecorded_runs.add(primary_run_id)
         self._primary.set_tag(primary_run_id, RunTag(SECONDARY_RUN_ID_TAG, secondary_run_id))
+        self._unrecorded_runs.discard(primary_run_id)
 
     def _create_secondary_run(
         self, primary_run_id, experiment_id, user_id, start_time, tags, run_name

@@ -122,9 +122,10 @@ OPTIONS = (
         "flush_timeout_s",
         _positive_float,
         120.0,
-        "Maximum time in seconds a read of a run, or end_run, waits for the run's queued "
-        "primary metrics. end_run raises with the counts when they are not delivered by then; "
-        "they stay in the spool.",
+        "Maximum time in seconds a read of a run, a synchronous write to it (log_param, "
+        "set_tag, ...) or end_run waits for the run's queued primary metrics. end_run raises "
+        "with the counts when they are not delivered by then; they stay in the spool. In "
+        "strict mode end_run also waits this long for the run's secondary writes.",
     ),
     Option(
         "strict",

@@ -89,8 +89,12 @@ class DualRegistryStore(AbstractStore):
             return
         tracking = self.tracking
         if hasattr(tracking, "enqueue_secondary"):
+            # The write is spooled to disk, and the URI can contain credentials, so the usual
+            # registry URI (the tracking URI) is left out and apply_secondary uses the
+            # replaying store's own. NOTE: a different registry URI is still stored as is.
+            registry_uri = None if self.store_uri == tracking.store_uri else self.store_uri
             tracking.enqueue_secondary(
-                _OPERATION_PREFIX + operation, None, registry_uri=self.store_uri, **args
+                _OPERATION_PREFIX + operation, None, registry_uri=registry_uri, **args
             )
         else:
             handler = getattr(self, f"_mirror_{operation}")
@@ -402,7 +406,7 @@ _OPERATION_PREFIX = "registry."
 def apply_secondary(tracking, write, uncertain):
     """Send a queued registry write (``registry.<operation>``) through its dual registry store."""
     args = dict(write.args)
-    registry = tracking.registry_mirror(args.pop("registry_uri"))
+    registry = tracking.registry_mirror(args.pop("registry_uri") or tracking.store_uri)
     handler = getattr(registry, f"_mirror_{write.operation[len(_OPERATION_PREFIX):]}")
     return handler(uncertain or write.uncertain, **args)
 

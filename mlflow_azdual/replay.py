@@ -1,10 +1,10 @@
 """Replay the spool files that ended processes left behind, in the background or in the foreground.
 
 A spool file whose lock is free belongs to a process that ended (normally with writes still
-unsent, or killed). ``replay_directory`` claims each such file of one configuration, sends its
-writes backend by backend (primary first, so a run copied to the secondary from the primary
-already has the primary's replayed metrics) in spool order, through the dual store's own
-senders and retry policy, and deletes each row once the backend acknowledged it. Every
+unsent, or killed). ``replay_directory`` claims each such file of one configuration and sends its
+writes in spool order, through the dual store's own senders and retry policy, deleting each
+row once the backend acknowledged it. The primary's writes go first, so that a run copied to
+the secondary from the primary already has the primary's replayed metrics. Every
 replayed write is ``uncertain``: its process may have sent it just before ending, so metrics
 and params already on the backend are left out (``idempotency``) and a run, logged model or
 model version is looked up by its mapping tag before it is created.
@@ -38,7 +38,7 @@ _started = set()
 
 @dataclasses.dataclass
 class ReplayResult:
-    """What a replay did, per backend, in writes (rows of the spool)."""
+    """Counts of a replay per backend, in writes (rows of the spool)."""
 
     delivered: Dict[str, int] = dataclasses.field(default_factory=lambda: dict.fromkeys(BACKENDS, 0))
     rejected: Dict[str, int] = dataclasses.field(default_factory=lambda: dict.fromkeys(BACKENDS, 0))

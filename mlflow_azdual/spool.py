@@ -14,6 +14,7 @@ import contextlib
 import fcntl
 import glob
 import hashlib
+import json
 import os
 import pathlib
 import secrets
@@ -70,13 +71,22 @@ CREATE TABLE dead_letters (
 );
 """
 
-_INSERT_WRITE = (
+# Many rows go into one statement as one JSON array, because the sqlite3 module releases the
+# GIL around every step: with executemany, a commit thread re-acquires the GIL once per row,
+# and while a training loop holds it, 2,000 rows took 0.38 s instead of 2 ms (one statement:
+# 19 ms), measured on the 2-CPU test machine with Python 3.11 and SQLite 3.40.
+_INSERT_WRITES = (
     "INSERT INTO writes (id, backend, seq, run_id, operation, payload, created_s, attempts, "
-    "uncertain) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)"
+    "uncertain) SELECT json_extract(value, '$[0]'), json_extract(value, '$[1]'), "
+    "json_extract(value, '$[2]'), json_extract(value, '$[3]'), json_extract(value, '$[4]'), "
+    "json_extract(value, '$[5]'), json_extract(value, '$[6]'), json_extract(value, '$[7]'), "
+    "json_extract(value, '$[8]') FROM json_each(?)"
 )
+# One result row holding a JSON array, for the same reason as _INSERT_WRITES: fetching row by
+# row re-acquires the GIL once per row.
 _SELECT_PENDING = (
-    "SELECT id, seq, run_id, operation, payload, attempts, uncertain FROM writes "
-    "WHERE backend = ? AND id > ? ORDER BY id LIMIT ?"
+    "SELECT json_group_array(json_array(id, seq, run_id, operation, payload, attempts, "
+    "uncertain)) FROM (SELECT * FROM writes WHERE backend = ? AND id > ? ORDER BY id LIMIT ?)"
 )
 _MOVE_TO_DEAD_LETTERS = (
     "INSERT INTO dead_letters (backend, seq, run_id, operation, payload, reason, created_s) "
@@ -86,10 +96,12 @@ _INSERT_DEAD_LETTER = (
     "INSERT INTO dead_letters (backend, seq, run_id, operation, payload, reason, created_s) "
     "VALUES (?, ?, ?, ?, ?, ?, ?)"
 )
-_RECORD_FAILURE = (
-    "UPDATE writes SET attempts = attempts + 1, uncertain = ?, last_error = ? WHERE id = ?"
+_RECORD_FAILURES = (
+    "UPDATE writes SET attempts = attempts + 1, uncertain = ?, last_error = ? "
+    "WHERE id IN (SELECT value FROM json_each(?))"
 )
 _DELETE_WRITE = "DELETE FROM writes WHERE id = ?"
+_DELETE_WRITES = "DELETE FROM writes WHERE id IN (SELECT value FROM json_each(?))"
 
 # Spools and claimed spools open in this process, for the fork handler and orphan_files.
 _open_spools: weakref.WeakSet = weakref.WeakSet()
@@ -370,7 +382,10 @@ class _SpoolDatabase:
         """
         self._check_usable()
         with self._db_lock, self._corruption_as_file_error():
-            rows = self._connection.execute(_SELECT_PENDING, (backend, after_id, limit)).fetchall()
+            (text,) = self._connection.execute(
+                _SELECT_PENDING, (backend, after_id, limit)
+            ).fetchone()
+        rows = json.loads(text) if text else []
         writes = []
         undecodable = []
         for row_id, seq, run_id, operation, payload, attempts, uncertain in rows:
@@ -434,14 +449,18 @@ class _SpoolDatabase:
     @staticmethod
     def _record_failures(db, failures: Iterable) -> None:
         """Apply (row id, uncertain, error text) failures to their rows."""
-        db.executemany(
-            _RECORD_FAILURE,
-            [(int(uncertain), _first_line(text), row_id) for row_id, uncertain, text in failures],
-        )
+        # One statement per distinct outcome: the writes of one failed request share it.
+        groups = {}
+        for row_id, uncertain, text in failures:
+            groups.setdefault((int(uncertain), _first_line(text)), []).append(row_id)
+        for (uncertain, text), row_ids in groups.items():
+            db.execute(_RECORD_FAILURES, (uncertain, text, json.dumps(row_ids)))
 
     @staticmethod
     def _delete_rows(db, row_ids: Iterable[int]) -> None:
-        db.executemany(_DELETE_WRITE, [(row_id,) for row_id in row_ids])
+        row_ids = list(row_ids)
+        if row_ids:
+            db.execute(_DELETE_WRITES, (json.dumps(row_ids),))
 
     def _close_files(self, remove_if_empty: bool) -> None:
         """Close the connection, remove the files if asked and empty, then release the lock."""
@@ -678,7 +697,8 @@ class Spool(_SpoolDatabase):
                     row_id, backend, write.seq, write.run_id, write.operation, payload,
                     created_s, write.attempts, int(write.uncertain),
                 ))
-            db.executemany(_INSERT_WRITE, rows)
+            if rows:
+                db.execute(_INSERT_WRITES, (json.dumps(rows),))
 
             def row_id_of(backend, write):
                 if write.spool_id is not None:

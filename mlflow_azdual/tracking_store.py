@@ -327,20 +327,28 @@ class DualTrackingStore(AbstractStore):
                 return
         rest_batch.log_batch(self.primary_writer, request.run_id, metrics, params, request.tags)
 
+    def _flush_for_async_logging(self):
+        # MLflow calls these hooks from end_run before update_run_info, which waits for the
+        # run's metrics itself; while the primary is failing, waiting here as well would
+        # double the time end_run takes to report it.
+        queue = self.primary_queue
+        if queue.retrying or queue.stalled_since_s is not None:
+            queue.wake()
+        else:
+            self.flush_primary()
+        self.secondary_queue.wake()
+
     def flush_async_logging(self):
         super().flush_async_logging()
-        self.flush_primary()
-        self.secondary_queue.wake()
+        self._flush_for_async_logging()
 
     def end_async_logging(self):
         super().end_async_logging()
-        self.flush_primary()
-        self.secondary_queue.wake()
+        self._flush_for_async_logging()
 
     def shut_down_async_logging(self):
         super().shut_down_async_logging()
-        self.flush_primary()
-        self.secondary_queue.wake()
+        self._flush_for_async_logging()
 
     # Secondary side, run by the secondary worker
 
