@@ -292,12 +292,17 @@ def _read_meta(connection: sqlite3.Connection, path: str, check_integrity: bool)
     return meta
 
 
-def _check_file(path: str) -> dict:
-    """Return the meta table of the spool file ``path``, checked read-only with quick_check."""
+def _open_read_only(path: str) -> sqlite3.Connection:
+    """Open ``path`` read-only, or raise SpoolFileError naming it."""
     try:
-        connection = _connect(path, "ro")
+        return _connect(path, "ro")
     except sqlite3.Error as error:
         raise SpoolFileError(path, f"cannot be opened ({error})") from None
+
+
+def _check_file(path: str) -> dict:
+    """Return the meta table of the spool file ``path``, checked read-only with quick_check."""
+    connection = _open_read_only(path)
     try:
         return _read_meta(connection, path, check_integrity=True)
     finally:
@@ -961,10 +966,7 @@ def quarantine(path: str) -> str:
 
 def _read_file_status(path: str) -> tuple:
     """Read (meta, counts) of a spool file read-only, or raise SpoolFileError for a bad file."""
-    try:
-        connection = _connect(path, "ro")
-    except sqlite3.Error as error:
-        raise SpoolFileError(path, f"cannot be opened ({error})") from None
+    connection = _open_read_only(path)
     try:
         meta = _read_meta(connection, path, check_integrity=False)
         try:
