@@ -302,6 +302,8 @@ class WriteQueue:
                 else:
                     self._send_window(window)
             except Exception:  # noqa: BLE001 - the worker must outlive any bug in a send.
+                if self._stopped.is_set():
+                    return  # The spool was closed at exit while this window was in flight.
                 _logger.exception("mlflow-azdual: unexpected error in the %s writer", self.backend)
 
             with self._lock:
