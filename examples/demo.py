@@ -163,7 +163,7 @@ def main(argv=None):
     os.environ["MLFLOW_TRACKING_URI"] = tracking_uri
     mlflow.set_tracking_uri(tracking_uri)
     mlflow.set_registry_uri(tracking_uri)
-    print(f"MLFLOW_TRACKING_URI={tracking_uri}")
+    print(f"export MLFLOW_TRACKING_URI='{tracking_uri}'")
 
     experiment_path = f"/Users/{DEMO_USER}/azdual-demo/{arguments.experiment}"
     run_id, _ = train_and_log(experiment_path, arguments.model_name)

@@ -4,7 +4,7 @@
 and every option value, with secrets redacted.
 ``mlflow-azdual status [URI] [--json] [--dead-letters]`` prints, per backend, the writes
 waiting in the spool, the age of the oldest, the failed attempts and the dead letters, and the
-spool files with the process that holds each.
+spool files with the process that owns each.
 ``mlflow-azdual sync [URI]`` replays the spool files of ended processes in the foreground with a
 progress bar; exit code 1 when writes are left unsent or a file is unreadable.
 URI defaults to MLFLOW_TRACKING_URI everywhere.
@@ -69,6 +69,11 @@ def _status(uri: str, as_json: bool, dead_letters: bool) -> int:
     store = _dual_store(uri)
     directory = store.spool_directory()
     status = directory_status(directory) if os.path.isdir(directory) else {"backends": {}, "files": []}
+    empty = {"pending": 0, "oldest_age_s": None, "attempts": 0, "dead_letters": 0}
+    status["backends"] = {
+        backend: {**empty, **status["backends"].get(backend, {})}
+        for backend in ("primary", "secondary")
+    }
     letters = list_dead_letters(directory) if dead_letters and os.path.isdir(directory) else []
     if as_json:
         document = {"spool_directory": directory, **status}
@@ -85,10 +90,11 @@ def _status(uri: str, as_json: bool, dead_letters: bool) -> int:
             f"{row.get('attempts', 0):>8} {row.get('dead_letters', 0):>13}"
         )
     for entry in status["files"]:
-        holder = "held by a running process" if entry.get("alive") else "left by an ended process"
         if entry.get("error"):
-            holder = f"unreadable: {entry['error']}"
-        print(f"  {entry['path']} (pid {entry.get('pid', '?')} on {entry.get('hostname', '?')}, {holder})")
+            print(f"  {entry['path']} (unreadable: {entry['error']}; mlflow-azdual sync moves it aside)")
+            continue
+        holder = "held by a running process" if entry.get("alive") else "left by an ended process"
+        print(f"  {entry['path']} (pid {entry.get('pid')} on {entry.get('hostname')}, {holder})")
     for letter in letters:
         print(
             f"dead letter: backend={letter['backend']} operation={letter['operation']} "
@@ -139,19 +145,22 @@ def _sync(uri: str) -> int:
             f"{backend}: {result.delivered[backend]} delivered, {result.rejected[backend]} "
             f"rejected (dead letters), {result.left[backend]} left"
         )
-    for path in result.bad_files:
-        print(f"unreadable spool file moved aside: {path}")
     live = [entry for entry in directory_status(directory)["files"] if entry.get("alive")]
     for entry in live:
         print(f"held by running process {entry.get('pid')}, replayed by that process: {entry['path']}")
-    if not result.complete:
+    if any(result.left.values()):
         print(
             "writes are left unsent: check the backends, then run mlflow-azdual sync again "
             "(mlflow-azdual status shows what is waiting)",
             file=sys.stderr,
         )
-        return 1
-    return 0
+    for path in result.bad_files:
+        print(
+            f"unreadable spool file moved aside: {path}. Its writes cannot be replayed; delete "
+            "the moved file once you have looked at it.",
+            file=sys.stderr,
+        )
+    return 0 if result.complete else 1
 
 
 def main(argv=None) -> int:
@@ -177,6 +186,15 @@ def main(argv=None) -> int:
             help="azdual tracking URI (default: MLFLOW_TRACKING_URI)",
         )
     arguments = parser.parse_args(argv)
+    try:
+        return _run(parser, arguments)
+    except BrokenPipeError:
+        # The output was piped into a command that stopped reading (``| head``).
+        sys.stderr.close()
+        return 0
+
+
+def _run(parser, arguments) -> int:
     if not arguments.uri:
         parser.error("no URI given and MLFLOW_TRACKING_URI is not set")
     if arguments.command == "resolve":

@@ -972,6 +972,8 @@ def _flush_at_exit():
     for store in stores:
         spool = store._spool_state[1] if store._spool_state else None
         for queue in (store.primary_queue, store.secondary_queue):
+            if queue.stopped:
+                continue  # Stopped on purpose (mlflow-azdual's own shutdown, or a test).
             failing = queue.retrying or queue.stalled_since_s is not None
             remaining = 0 if failing else max(deadline - time.monotonic(), 0)
             if queue.flush(timeout_s=remaining):

@@ -254,6 +254,11 @@ class WriteQueue:
         return self._used_points() + self._spilled_writes
 
     @property
+    def stopped(self) -> bool:
+        """True once ``stop`` was called."""
+        return self._stopped.is_set()
+
+    @property
     def retrying(self) -> bool:
         """True while the worker waits to retry a failed request."""
         return self._delivery is not None and self._delivery.retrying

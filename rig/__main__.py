@@ -63,14 +63,29 @@ def command_down(state_dir: Path) -> None:
     print(f"rig in {state_dir} stopped")
 
 
+def command_stop_server(state_dir: Path, server: str) -> None:
+    _attach(state_dir).stop_server(server)
+    print(f"{server} stopped: clients get connection refused until start-server {server}")
+
+
+def command_start_server(state_dir: Path, server: str) -> None:
+    _attach(state_dir).start_server(server)
+    print(f"{server} running again")
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m rig", description=__doc__.splitlines()[0])
     parser.add_argument(
         "command",
-        choices=("up", "env", "status", "down"),
+        choices=("up", "env", "status", "down", "stop-server", "start-server"),
         help="up: start the rig in the background; env: print shell exports for a client; "
         "status: exit 0 if every server of the rig is running; down: stop the rig that `up` "
-        "started",
+        "started; stop-server / start-server SERVER: stop or restart one MLflow server, to "
+        "try an outage",
+    )
+    parser.add_argument(
+        "server", nargs="?", choices=("primary", "secondary"),
+        help="the MLflow server for stop-server and start-server",
     )
     parser.add_argument(
         "--state-dir",
@@ -91,6 +106,15 @@ def main(argv: list[str] | None = None) -> None:
         "status": command_status,
         "down": command_down,
     }
+    if args.command in ("stop-server", "start-server"):
+        if args.server is None:
+            parser.error(f"{args.command} needs a server: primary or secondary")
+        server_commands = {"stop-server": command_stop_server, "start-server": command_start_server}
+        try:
+            server_commands[args.command](state_dir, args.server)
+        except (RuntimeError, FileNotFoundError) as exc:
+            raise SystemExit(f"python -m rig {args.command} failed: {exc}") from None
+        return
     try:
         commands[args.command](state_dir)
     except (RuntimeError, FileNotFoundError) as exc:

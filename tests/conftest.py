@@ -8,6 +8,7 @@ gets the end of every server log.
 """
 
 import os
+import shutil
 import tempfile
 
 import pytest
@@ -19,10 +20,19 @@ from rig.guard import install as install_loopback_guard
 install_loopback_guard()
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 os.environ.setdefault("DO_NOT_TRACK", "true")
-# Spool files of the tests stay out of the user's home directory.
-os.environ.setdefault("MLFLOW_AZDUAL_SPOOL_DIR", tempfile.mkdtemp(prefix="mlflow-azdual-test-spool-"))
+# Spool files of the tests stay out of the user's home directory, in a folder removed at the
+# end of the session.
+_SPOOL_DIR = None
+if "MLFLOW_AZDUAL_SPOOL_DIR" not in os.environ:
+    _SPOOL_DIR = tempfile.mkdtemp(prefix="mlflow-azdual-test-spool-")
+    os.environ["MLFLOW_AZDUAL_SPOOL_DIR"] = _SPOOL_DIR
 
 _RIG_KEY = pytest.StashKey[Rig]()
+
+
+def pytest_unconfigure(config):
+    if _SPOOL_DIR is not None:
+        shutil.rmtree(_SPOOL_DIR, ignore_errors=True)
 
 
 def pytest_configure(config):
