@@ -13,12 +13,30 @@ from typing import List, Optional, Sequence, Union
 
 @dataclasses.dataclass(frozen=True)
 class BatchLimits:
-    """Maximum entities in one ``log_batch`` request (MLflow REST API defaults)."""
+    """Maximum entities in one ``log_batch`` request (MLflow REST API defaults).
+
+    ``max_values_per_metric_key`` caps the points of one metric key in one request (Azure ML
+    takes 250); None for no cap.
+    """
 
     max_metrics: int = 1000
     max_params: int = 100
     max_tags: int = 100
     max_entities: int = 1000
+    max_values_per_metric_key: Optional[int] = None
+
+    def narrowed(self, other: "BatchLimits") -> "BatchLimits":
+        """Return the stricter of ``self`` and ``other`` for every limit."""
+
+        def stricter(first, second):
+            if first is None or second is None:
+                return second if first is None else first
+            return min(first, second)
+
+        return BatchLimits(*(
+            stricter(getattr(self, field.name), getattr(other, field.name))
+            for field in dataclasses.fields(self)
+        ))
 
 
 LOG_BATCH = "log_batch"
@@ -87,6 +105,8 @@ class Batch:
     tags: List = dataclasses.field(default_factory=list)
     first_seq: int = 0
     last_seq: int = 0
+    # Points per metric key, kept only when the limits cap them.
+    key_counts: dict = dataclasses.field(default_factory=dict)
     # The queued writes whose items this batch carries, in order.
     writes: List = dataclasses.field(default_factory=list)
 
@@ -102,6 +122,9 @@ def _fits(batch: Batch, kind: str, item, limits: BatchLimits) -> bool:
     if batch.entities >= limits.max_entities:
         return False
     if kind == "metrics":
+        if limits.max_values_per_metric_key is not None:
+            if batch.key_counts.get(item.key, 0) >= limits.max_values_per_metric_key:
+                return False
         return len(batch.metrics) < limits.max_metrics
     if kind == "params":
         return len(batch.params) < limits.max_params and all(
@@ -130,10 +153,12 @@ def coalesce(writes: Sequence[Write], limits: BatchLimits = BatchLimits()) -> Li
         for kind in ("metrics", "params", "tags"):
             for item in getattr(write, kind):
                 if batch is None or not _fits(batch, kind, item, limits):
-                    batch = Batch(write.run_id, first_seq=write.seq)
+                    batch = Batch(write.run_id, first_seq=write.seq, last_seq=write.seq)
                     open_batches[write.run_id] = batch
                     segment.append(batch)
                 getattr(batch, kind).append(item)
+                if kind == "metrics" and limits.max_values_per_metric_key is not None:
+                    batch.key_counts[item.key] = batch.key_counts.get(item.key, 0) + 1
                 if not batch.writes or batch.writes[-1] is not write:
                     batch.writes.append(write)
         if batch is not None:

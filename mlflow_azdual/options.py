@@ -34,6 +34,15 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _profile_name(text: str) -> str:
+    from mlflow_azdual.backend_profiles import PROFILES
+
+    name = text.strip().lower()
+    if name not in PROFILES:
+        raise ValueError(f"expected one of {', '.join(sorted(PROFILES))}, got {text!r}")
+    return name
+
+
 @dataclasses.dataclass(frozen=True)
 class Option:
     """One setting: its query name, type, default and help text."""
@@ -76,6 +85,21 @@ OPTIONS = (
         str,
         None,
         "Model registry URI of the secondary. Unset: the secondary tracking URI.",
+    ),
+    Option(
+        "primary_profile",
+        _profile_name,
+        None,
+        "Backend profile (databricks, azureml, mlflow) whose request limits the primary's "
+        "writer follows. Unset: chosen from the primary URI's scheme (databricks://, "
+        "azureml://, anything else mlflow).",
+    ),
+    Option(
+        "secondary_profile",
+        _profile_name,
+        None,
+        "Backend profile of the secondary, as for primary_profile. azureml splits a batch so "
+        "that no request carries more than 250 values of one metric key.",
     ),
     Option(
         "mirror_registry",

@@ -148,7 +148,7 @@ def _replay_backend(store, claimed, backend, result, advance, stop) -> None:
         settled_ids, unsettled_ids = set(), set()
         rejected = 0
         stopped = False
-        for request in coalesce(writes, store.limits):
+        for request in coalesce(writes, store.backend_limits[backend]):
             ids = {write.spool_id for write in writes_of(request)}
             if stopped:
                 unsettled_ids |= ids
@@ -160,7 +160,7 @@ def _replay_backend(store, claimed, backend, result, advance, stop) -> None:
                 parts = [
                     (part, delivery.deliver(part))
                     for write in writes_of(request)
-                    for part in coalesce([write], store.limits)
+                    for part in coalesce([write], store.backend_limits[backend])
                 ]
             for part, outcome in parts:
                 part_ids = {write.spool_id for write in writes_of(part)}

@@ -89,11 +89,21 @@ class DualTrackingStore(AbstractStore):
         self.mirror = Mirror(self._config.secondary_uri)
 
         options = self._config.options
-        self.limits = BatchLimits(
+        from mlflow_azdual.backend_profiles import profile_for
+
+        option_limits = BatchLimits(
             max_metrics=options["max_batch_metrics"],
             max_params=options["max_batch_params"],
             max_tags=options["max_batch_tags"],
         )
+        self.backend_limits = {
+            "primary": profile_for(
+                self._config.primary_uri, options["primary_profile"]
+            ).limits.narrowed(option_limits),
+            "secondary": profile_for(
+                self._config.secondary_uri, options["secondary_profile"]
+            ).limits.narrowed(option_limits),
+        }
         self.policy = RetryPolicy(
             initial_backoff_s=options["retry_initial_backoff_s"],
             max_backoff_s=max(options["retry_max_backoff_s"], options["retry_initial_backoff_s"]),
@@ -101,7 +111,6 @@ class DualTrackingStore(AbstractStore):
             total_s=options["retry_total_s"],
         )
         queue_options = dict(
-            limits=self.limits,
             capacity_points=options["buffer_capacity_points"],
             flush_interval_s=options["flush_interval_s"],
             flush_threshold_points=options["flush_threshold_points"],
@@ -110,11 +119,12 @@ class DualTrackingStore(AbstractStore):
             spool=self.spool if options["spool"] else None,
         )
         self.primary_queue = WriteQueue(
-            "primary", self.send_primary, on_failure=self._record_primary_failure, **queue_options
+            "primary", self.send_primary, limits=self.backend_limits["primary"],
+            on_failure=self._record_primary_failure, **queue_options,
         )
         self.secondary_queue = WriteQueue(
-            "secondary", self.send_secondary, on_failure=self._record_secondary_failure,
-            **queue_options,
+            "secondary", self.send_secondary, limits=self.backend_limits["secondary"],
+            on_failure=self._record_secondary_failure, **queue_options,
         )
         super().__init__()
         _stores.add(self)

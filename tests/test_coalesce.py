@@ -87,3 +87,35 @@ def test_write_size_counts_entities_or_one_for_calls():
     assert metric_write(1, "a", count=7).size == 7
     assert call_write(2).size == 1
     assert isinstance(coalesce([metric_write(1, "a")])[0], Batch)
+
+
+def test_values_per_metric_key_capped():
+    limits = BatchLimits(max_values_per_metric_key=250)
+    metrics = [Metric("loss", float(step), 0, step) for step in range(700)]
+    metrics += [Metric("acc", 1.0, 0, step) for step in range(10)]
+    requests = coalesce([Write(1, "run", metrics=metrics)], limits)
+    per_request = [
+        {key: sum(1 for m in request.metrics if m.key == key) for key in ("loss", "acc")}
+        for request in requests
+    ]
+    assert [counts["loss"] for counts in per_request] == [250, 250, 200]
+    assert sum(counts["acc"] for counts in per_request) == 10
+    assert [m.step for request in requests for m in request.metrics if m.key == "loss"] == list(
+        range(700)
+    )
+
+
+def test_limits_narrowed_to_stricter():
+    narrowed = BatchLimits(max_values_per_metric_key=250).narrowed(BatchLimits(max_metrics=500))
+    assert narrowed.max_metrics == 500
+    assert narrowed.max_values_per_metric_key == 250
+    assert narrowed.max_params == 100
+
+
+def test_split_write_numbers_every_batch():
+    # A write split over several batches: each batch carries the write's sequence number, which
+    # the secondary compares with the point up to which a run was copied.
+    metrics = [Metric("loss", float(step), 0, step) for step in range(700)]
+    requests = coalesce([Write(7, "run", metrics=metrics)], BatchLimits(max_values_per_metric_key=250))
+    assert len(requests) == 3
+    assert all(request.first_seq == 7 and request.last_seq == 7 for request in requests)

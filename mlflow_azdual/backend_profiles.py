@@ -1,0 +1,47 @@
+"""What each kind of backend accepts, as data: one profile per backend kind.
+
+A profile is chosen from the scheme of a backend's tracking URI (``databricks``, ``azureml``,
+anything else ``mlflow``), or named by the ``primary_profile`` / ``secondary_profile`` option,
+for example to treat a plain MLflow server as an Azure ML stand-in. The write queue of a
+backend splits batches by its profile's limits, narrowed by the ``max_batch_*`` options. The
+limits come from public reports, not from the services' own documentation:
+  Databricks: MLflow's REST limits (1000 metrics, 100 params, 100 tags, 1000 entities).
+  Azure ML: at most 250 values of one metric key per log_batch request
+  ("MetricV2Dto.Value Count Limit=250", mlflow/mlflow#11462).
+"""
+
+import dataclasses
+import urllib.parse
+from typing import Optional
+
+from mlflow_azdual.coalesce import BatchLimits
+
+
+@dataclasses.dataclass(frozen=True)
+class BackendProfile:
+    """The limits of one backend kind."""
+
+    name: str
+    limits: BatchLimits
+
+
+PROFILES = {
+    "databricks": BackendProfile("databricks", BatchLimits()),
+    "azureml": BackendProfile("azureml", BatchLimits(max_values_per_metric_key=250)),
+    "mlflow": BackendProfile("mlflow", BatchLimits()),
+}
+
+
+def profile_for(uri: str, name: Optional[str] = None) -> BackendProfile:
+    """Return the profile named ``name``, or the one for the scheme of ``uri``.
+
+    Raises ValueError naming ``name`` and the valid names when there is no such profile.
+    """
+    if name is not None:
+        if name not in PROFILES:
+            raise ValueError(
+                f"unknown backend profile {name!r}; valid profiles: {', '.join(sorted(PROFILES))}"
+            )
+        return PROFILES[name]
+    scheme = urllib.parse.urlsplit(uri).scheme
+    return PROFILES.get(scheme, PROFILES["mlflow"])
