@@ -1,4 +1,4 @@
-"""What each kind of backend accepts, as data: one profile per backend kind.
+"""Request limits and quirks of each kind of backend, as data: one profile per backend kind.
 
 A profile is chosen from the scheme of a backend's tracking URI (``databricks``, ``azureml``,
 anything else ``mlflow``), or named by the ``primary_profile`` / ``secondary_profile`` option,
@@ -7,7 +7,11 @@ backend splits batches by its profile's limits, narrowed by the ``max_batch_*`` 
 limits come from public reports, not from the services' own documentation:
   Databricks: MLflow's REST limits (1000 metrics, 100 params, 100 tags, 1000 entities).
   Azure ML: at most 250 values of one metric key per log_batch request
-  ("MetricV2Dto.Value Count Limit=250", mlflow/mlflow#11462).
+  ("MetricV2Dto.Value Count Limit=250", mlflow/mlflow#11462), 200 params per run
+  (Azure/azure-sdk-for-python#35685), param values of at most 500 characters (kedro-mlflow
+  issue 551), ``mlflow.source.name`` / ``mlflow.source.type`` dropped when passed to create_run
+  (Azure/azure-sdk-for-python#45207) and ``mlflow.user`` refused as a tag
+  (mlflow/mlflow-export-import#78).
 """
 
 import dataclasses
@@ -23,11 +27,24 @@ class BackendProfile:
 
     name: str
     limits: BatchLimits
+    # None: no limit known.
+    max_params_per_run: Optional[int] = None
+    max_param_value_chars: Optional[int] = None
+    # Tags the backend refuses, and tags it drops when they are passed to create_run.
+    refused_tags: frozenset = frozenset()
+    dropped_at_create_run: frozenset = frozenset()
 
 
 PROFILES = {
     "databricks": BackendProfile("databricks", BatchLimits()),
-    "azureml": BackendProfile("azureml", BatchLimits(max_values_per_metric_key=250)),
+    "azureml": BackendProfile(
+        "azureml",
+        BatchLimits(max_values_per_metric_key=250),
+        max_params_per_run=200,
+        max_param_value_chars=500,
+        refused_tags=frozenset({"mlflow.user"}),
+        dropped_at_create_run=frozenset({"mlflow.source.name", "mlflow.source.type"}),
+    ),
     "mlflow": BackendProfile("mlflow", BatchLimits()),
 }
 

@@ -27,8 +27,13 @@ PRIMARY_EXPERIMENT_ID_TAG = "azdual.primary_experiment_id"
 PRIMARY_EXPERIMENT_NAME_TAG = "azdual.primary_experiment_name"
 PRIMARY_RUN_ID_TAG = "azdual.primary_run_id"
 PRIMARY_MODEL_ID_TAG = "azdual.primary_model_id"
+# On primary runs created through the plugin: their creating process makes the mirror.
+CREATED_THROUGH_PLUGIN_TAG = "azdual.created_through_plugin"
 
 PARENT_RUN_ID_TAG = "mlflow.parentRunId"
+
+# Seconds after a run's start during which only the creating process makes its mirror.
+MIRROR_CREATION_GRACE_S = 30.0
 
 # MLflow REST limits of one log_batch request.
 _MAX_BATCH_METRICS = 1000
@@ -198,6 +203,7 @@ class IdMapping:
 
         mirror = self._find_secondary_run(primary_id, primary_run.info.experiment_id)
         if mirror is None:
+            self._wait_for_creator(primary_run)
             experiment_id = self.secondary_experiment_id(primary_run.info.experiment_id)
             mirror = self._copy_run(primary_run, experiment_id)
         self._record_run_mapping(primary_id, mirror.run_id)
@@ -226,6 +232,30 @@ class IdMapping:
                     return found
             return self._create_secondary_run(
                 primary_run_id, experiment_id, user_id, start_time, tags, run_name
+            )
+
+    @staticmethod
+    def _wait_for_creator(primary_run) -> None:
+        """Raise NotReadyError while a young running run may still get its mirror elsewhere.
+
+        The process that created a run through the plugin (tag ``azdual.created_through_plugin``)
+        creates its mirror from its own queue. Another process
+        writing to the run meanwhile (a forked worker, a Spark executor) would otherwise copy
+        the run and make a second mirror. For ``MIRROR_CREATION_GRACE_S`` after the run
+        started, it retries the lookup instead; after that the run is copied.
+        """
+        import time
+
+        from mlflow_azdual.retry import NotReadyError
+
+        info = primary_run.info
+        if primary_run.data.tags.get(CREATED_THROUGH_PLUGIN_TAG) != "true":
+            return  # Created without the plugin: nobody else will make its mirror.
+        age_s = time.time() - (info.start_time or 0) / 1000
+        if info.status == "RUNNING" and 0 <= age_s < MIRROR_CREATION_GRACE_S:
+            raise NotReadyError(
+                f"primary run {info.run_id} started {age_s:.0f} s ago and has no mirror yet; "
+                "waiting for the process that created it to create the mirror"
             )
 
     def _find_secondary_run(self, primary_run_id, primary_experiment_id) -> Optional[SecondaryRun]:

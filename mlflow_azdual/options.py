@@ -34,6 +34,13 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _param_overflow(text: str) -> str:
+    choice = text.strip().lower()
+    if choice not in ("truncate", "dead_letter"):
+        raise ValueError(f"expected truncate or dead_letter, got {text!r}")
+    return choice
+
+
 def _profile_name(text: str) -> str:
     from mlflow_azdual.backend_profiles import PROFILES
 
@@ -100,6 +107,15 @@ OPTIONS = (
         None,
         "Backend profile of the secondary, as for primary_profile. azureml splits a batch so "
         "that no request carries more than 250 values of one metric key.",
+    ),
+    Option(
+        "param_overflow",
+        _param_overflow,
+        "truncate",
+        "What the secondary gets for a param value longer than its profile allows (Azure ML: "
+        "500 characters): truncate (the value cut to the limit, and the tag "
+        "azdual.truncated_param.<key> with the original length) or dead_letter (not sent, "
+        "recorded as a dead letter). The primary always has the whole value.",
     ),
     Option(
         "mirror_registry",

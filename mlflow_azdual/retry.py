@@ -153,6 +153,13 @@ def _describe(error: BaseException) -> str:
     return line
 
 
+class NotReadyError(Exception):
+    """Raised when a write depends on state another process is expected to create soon.
+
+    Always retried, and never ambiguous: nothing was sent.
+    """
+
+
 def _permanent(reason: str) -> Decision:
     return Decision(retry=False, ambiguous=False, retry_after_s=None, reason=reason)
 
@@ -348,6 +355,8 @@ def classify(error: BaseException) -> Decision:
     never accepts, and the caller records them as dead letters.
     """
     reason = _describe(error)
+    if isinstance(error, NotReadyError):
+        return _transient(reason, ambiguous=False)
     if isinstance(error, BackendHttpError):
         return _classify_status(error.http_status, reason, error.retry_after_s)
     if isinstance(error, MlflowException):

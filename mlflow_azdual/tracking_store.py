@@ -96,14 +96,17 @@ class DualTrackingStore(AbstractStore):
             max_params=options["max_batch_params"],
             max_tags=options["max_batch_tags"],
         )
+        self.secondary_profile = profile_for(
+            self._config.secondary_uri, options["secondary_profile"]
+        )
         self.backend_limits = {
             "primary": profile_for(
                 self._config.primary_uri, options["primary_profile"]
             ).limits.narrowed(option_limits),
-            "secondary": profile_for(
-                self._config.secondary_uri, options["secondary_profile"]
-            ).limits.narrowed(option_limits),
+            "secondary": self.secondary_profile.limits.narrowed(option_limits),
         }
+        # Param keys of each mirror run, by primary run id, for the secondary's per-run cap.
+        self._secondary_param_keys = {}
         self.policy = RetryPolicy(
             initial_backoff_s=options["retry_initial_backoff_s"],
             max_backoff_s=max(options["retry_max_backoff_s"], options["retry_initial_backoff_s"]),
@@ -339,7 +342,7 @@ class DualTrackingStore(AbstractStore):
 
     def _flush_for_async_logging(self):
         # MLflow calls these hooks from end_run before update_run_info, which waits for the
-        # run's metrics itself; while the primary is failing, waiting here as well would
+        # run's metrics itself. While the primary is failing, waiting here as well would
         # double the time end_run takes to report it.
         queue = self.primary_queue
         if queue.retrying or queue.stalled_since_s is not None:
@@ -430,10 +433,74 @@ class DualTrackingStore(AbstractStore):
         params = batch.params
         if uncertain:
             metrics, params = remove_delivered(self.secondary, mirror.run_id, metrics, params)
-        tags = self.mapping.translate_run_tags(batch.tags)
+        params, marker_tags = self._fit_params(batch.run_id, mirror.run_id, params)
+        tags = self._without_refused_tags(self.mapping.translate_run_tags(batch.tags))
+        tags += marker_tags
         if not (metrics or params or tags):
             return None
         return rest_batch.log_batch(self.secondary, mirror.run_id, metrics, params, tags)
+
+    def _fit_params(self, run_id, secondary_run_id, params):
+        """Return the params the secondary's profile allows, and tags marking truncated ones.
+
+        A value over the length limit is truncated (and tagged) or recorded as a dead letter,
+        depending on the ``param_overflow`` option. A param over the per-run cap is recorded as
+        a dead letter. The primary has every param whole either way.
+        """
+        from mlflow.entities import Param, RunTag
+
+        profile = self.secondary_profile
+        if not params or (profile.max_params_per_run is None and profile.max_param_value_chars is None):
+            return params, []
+        kept, markers, rejected = [], [], []
+        limit = profile.max_param_value_chars
+        for param in params:
+            if limit is not None and len(param.value) > limit:
+                if self._config.options["param_overflow"] == "dead_letter":
+                    rejected.append((param, f"its value of {len(param.value)} characters is over "
+                                            f"the secondary's limit of {limit}"))
+                    continue
+                markers.append(RunTag(f"{TRUNCATED_PARAM_TAG_PREFIX}{param.key}", str(len(param.value))))
+                param = Param(param.key, param.value[:limit])
+            kept.append(param)
+        cap = profile.max_params_per_run
+        if cap is not None and kept:
+            known = self._secondary_param_keys.get(run_id)
+            if known is None:
+                known = set(self.secondary.get_run(secondary_run_id).data.params)
+                self._secondary_param_keys[run_id] = known
+            allowed = []
+            for param in kept:
+                if param.key in known or len(known) < cap:
+                    known.add(param.key)
+                    allowed.append(param)
+                else:
+                    rejected.append((param, f"the secondary takes at most {cap} params per run"))
+            kept = allowed
+        for param, reason in rejected:
+            self.record_dead_letter(
+                "secondary", "log_param", run_id, {"key": param.key, "value": param.value},
+                f"param {param.key!r} not mirrored: {reason}",
+            )
+        if rejected:
+            _logger.warning(
+                "mlflow-azdual: %d params of run %s are on the primary only and recorded as dead "
+                "letters, because the secondary (%s profile) does not take them; first: %s=%r",
+                len(rejected), run_id, profile.name, rejected[0][0].key, rejected[0][1],
+            )
+        return kept, markers
+
+    def _without_refused_tags(self, tags):
+        refused = self.secondary_profile.refused_tags
+        if not refused:
+            return list(tags)
+        kept = [tag for tag in tags if tag.key not in refused]
+        if len(kept) != len(tags):
+            self.mirror.record_unsupported(
+                "set_tag", f"the secondary ({self.secondary_profile.name} profile) refuses the "
+                f"tags {', '.join(sorted(refused))}, so they are on the primary only",
+            )
+        return kept
 
     def secondary_artifact_root(self, mirror_of: str) -> str:
         """Return the secondary artifact location of ``run:<id>``, ``experiment:<id>``, ``model:<id>``."""
@@ -576,7 +643,12 @@ class DualTrackingStore(AbstractStore):
     # Runs
 
     def create_run(self, experiment_id, user_id, start_time, tags, run_name):
-        run = self.primary.create_run(experiment_id, user_id, start_time, tags, run_name)
+        from mlflow.entities import RunTag
+
+        from mlflow_azdual.id_mapping import CREATED_THROUGH_PLUGIN_TAG
+
+        primary_tags = list(tags or []) + [RunTag(CREATED_THROUGH_PLUGIN_TAG, "true")]
+        run = self.primary.create_run(experiment_id, user_id, start_time, primary_tags, run_name)
         self.enqueue_secondary(
             "create_run",
             run.info.run_id,
@@ -594,10 +666,16 @@ class DualTrackingStore(AbstractStore):
     ):
         # A replayed or uncertain create looks for a mirror tagged with the primary id first,
         # so a create applied before a crash or a reset never makes a second run.
-        return self.mapping.create_secondary_run(
+        tags = self._without_refused_tags(tags)
+        mirror = self.mapping.create_secondary_run(
             write.run_id, experiment_id, user_id, start_time, tags, run_name,
             look_first=uncertain or write.uncertain,
         )
+        # Tags the secondary drops at create_run are set again once the run exists.
+        again = [tag for tag in tags if tag.key in self.secondary_profile.dropped_at_create_run]
+        if again:
+            rest_batch.log_batch(self.secondary, mirror.run_id, [], [], again)
+        return mirror
 
     def get_run(self, run_id):
         self.flush_primary(run_id)
@@ -917,6 +995,7 @@ class DualTrackingStore(AbstractStore):
             self.secondary.log_logged_model_params(secondary_id, params)
 
 
+TRUNCATED_PARAM_TAG_PREFIX = "azdual.truncated_param."
 _REGISTRY_PREFIX = "registry."
 _ARTIFACT_PREFIX = "artifact."
 _live_spools = weakref.WeakSet()

@@ -660,3 +660,11 @@ def test_rate_limit_thread_safe(caplog, frequent_thread_switches):
     messages = [record.getMessage() for record in caplog.records]
     suppressed = thread_count * calls_per_thread - 1
     assert messages == ["retrying", f"retrying ({suppressed} similar messages suppressed)"]
+
+
+def test_not_ready_error_is_retried_and_not_ambiguous():
+    from mlflow_azdual.retry import NotReadyError
+
+    decision = classify(NotReadyError("mirror not created yet"))
+    assert decision.retry
+    assert not decision.ambiguous
