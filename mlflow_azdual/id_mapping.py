@@ -250,7 +250,7 @@ class IdMapping:
 
         info = primary_run.info
         if primary_run.data.tags.get(CREATED_THROUGH_PLUGIN_TAG) != "true":
-            return  # Created without the plugin: nobody else will make its mirror.
+            return  # Created without the plugin: no other process makes its mirror.
         age_s = time.time() - (info.start_time or 0) / 1000
         if info.status == "RUNNING" and 0 <= age_s < MIRROR_CREATION_GRACE_S:
             raise NotReadyError(
