@@ -57,24 +57,18 @@ import asyncio
 import json
 import logging
 import os
-import select
 import signal
 import socket
 import struct
-import subprocess
-import sys
-import tempfile
-import time
 import urllib.error
 import urllib.parse
 import urllib.request
-from pathlib import Path
 from typing import NamedTuple
+
+from rig.proxy_process import HOST, ControlClient, ProxyProcess
 
 log = logging.getLogger("rig.latency_proxy")
 
-HOST = "127.0.0.1"
-REPO_ROOT = Path(__file__).resolve().parent.parent
 
 # Bytes read from a socket at a time.
 CHUNK_SIZE = 64 * 1024
@@ -99,8 +93,6 @@ REJECT_STATUSES = {
     503: ("TEMPORARILY_UNAVAILABLE", "Service Unavailable"),
 }
 
-# urllib reads proxy settings from the environment, so control calls use an opener without them.
-_DIRECT_OPENER = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 
 
 class ProxyState:
@@ -812,19 +804,8 @@ def main(argv: list[str] | None = None) -> None:
 # The parent side: start, control and stop the proxy subprocess.
 
 
-def _signal_group(pgid: int, signum: int) -> None:
-    try:
-        os.killpg(pgid, signum)
-    except ProcessLookupError:
-        pass
-
-
-class ProxyControl:
-    """Client of a running proxy's control endpoint; works from any process."""
-
-    def __init__(self, control_port: int, timeout_s: float = 5.0):
-        self.control_port = control_port
-        self.timeout_s = timeout_s
+class ProxyControl(ControlClient):
+    """Client of a running latency proxy's control endpoint; works from any process."""
 
     def set_delay_ms(self, delay_ms: float) -> dict:
         return self._get(f"/delay?ms={delay_ms:g}")
@@ -855,26 +836,16 @@ class ProxyControl:
         has begun its response."""
         return self._get(f"/reset-after-forward?count={count}")
 
-    def stats(self) -> dict:
-        return self._get("/stats")
 
-    def _get(self, path: str) -> dict:
-        url = f"http://{HOST}:{self.control_port}{path}"
-        try:
-            with _DIRECT_OPENER.open(url, timeout=self.timeout_s) as response:
-                return json.loads(response.read())
-        except urllib.error.HTTPError as error:
-            detail = error.read().decode(errors="replace")
-            raise RuntimeError(f"proxy control request {path} failed: {error.code} {detail}")
-
-
-class LatencyProxy:
+class LatencyProxy(ProxyProcess):
     """A latency proxy subprocess in front of `target_port` on 127.0.0.1.
 
     Use as a context manager, or call `start()` and `stop()`. The subprocess runs in its own
     session, so `stop()` signals exactly its process group. Its stderr goes to `log_path`,
     or to a temporary file when `log_path` is None.
     """
+
+    kind = "latency proxy"
 
     def __init__(
         self,
@@ -884,13 +855,9 @@ class LatencyProxy:
         log_path: str | os.PathLike | None = None,
         startup_timeout_s: float = 10.0,
     ):
+        super().__init__(log_path, startup_timeout_s)
         self.target_port = target_port
         self.initial_delay_ms = delay_ms
-        self.log_path = Path(log_path) if log_path else None
-        self.startup_timeout_s = startup_timeout_s
-        self.pid: int | None = None
-        self._popen: subprocess.Popen | None = None
-        self._log_file = None
         self._port: int | None = None
         self._control: ProxyControl | None = None
 
@@ -908,94 +875,25 @@ class LatencyProxy:
     def uri(self) -> str:
         return f"http://{HOST}:{self.port}"
 
-    def start(self) -> LatencyProxy:
-        """Start the subprocess and wait until both of its listeners are bound."""
-        if self._popen is not None and self._popen.poll() is None:
-            raise RuntimeError(f"the proxy is already running with PID {self._popen.pid}")
-
-        if self.log_path is not None:
-            self.log_path.parent.mkdir(parents=True, exist_ok=True)
-            self._log_file = open(self.log_path, "a+b")
-        else:
-            self._log_file = tempfile.TemporaryFile()
-        argv = [
-            sys.executable, "-m", "rig.latency_proxy",
+    def _argv(self) -> list[str]:
+        return [
+            "-m", "rig.latency_proxy",
             "--target-port", str(self.target_port),
             "--listen-port", "0",
             "--control-port", "0",
             "--delay-ms", str(self.initial_delay_ms),
         ]
-        self._popen = subprocess.Popen(
-            argv,
-            cwd=REPO_ROOT,
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.PIPE,
-            stderr=self._log_file,
-            start_new_session=True,
-        )
-        self.pid = self._popen.pid
-        try:
-            ready = self._read_ready_line()
-        except BaseException:
-            self.stop()
-            raise
+
+    def _on_ready(self, ready: dict) -> None:
         self._port = ready["listen_port"]
         self._control = ProxyControl(ready["control_port"])
         log.info(
             "latency proxy on port %d for port %d (PID %d)", self._port, self.target_port, self.pid
         )
-        return self
 
-    def _read_ready_line(self) -> dict:
-        deadline = time.monotonic() + self.startup_timeout_s
-        stdout = self._popen.stdout
-        while True:
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                raise RuntimeError(
-                    f"timed out after {self.startup_timeout_s:g} s waiting for the latency proxy "
-                    f"(PID {self.pid}) to listen. Its log:\n{self._log_tail()}"
-                )
-            readable, _, _ = select.select([stdout], [], [], min(remaining, 0.2))
-            if readable:
-                line = stdout.readline()
-                if line:
-                    return json.loads(line)
-            if self._popen.poll() is not None:
-                raise RuntimeError(
-                    f"the latency proxy exited with code {self._popen.returncode} during "
-                    f"start-up. Its log:\n{self._log_tail()}"
-                )
-
-    def _log_tail(self, max_bytes: int = 4000) -> str:
-        if self._log_file is None:
-            return ""
-        self._log_file.flush()
-        self._log_file.seek(0, os.SEEK_END)
-        size = self._log_file.tell()
-        self._log_file.seek(max(0, size - max_bytes))
-        return self._log_file.read().decode(errors="replace")
-
-    def stop(self, timeout_s: float = 5.0) -> None:
-        """Send SIGTERM to the proxy's process group, then SIGKILL after `timeout_s` seconds."""
-        popen = self._popen
-        if popen is None:
-            return
-        if popen.poll() is None:
-            _signal_group(popen.pid, signal.SIGTERM)
-            try:
-                popen.wait(timeout=timeout_s)
-            except subprocess.TimeoutExpired:
-                log.warning("latency proxy PID %d ignored SIGTERM; sending SIGKILL", popen.pid)
-                _signal_group(popen.pid, signal.SIGKILL)
-                popen.wait(timeout=5)
-        popen.stdout.close()
-        self._log_file.close()
-        self._popen = None
-        self._log_file = None
+    def _on_stopped(self) -> None:
         self._port = None
         self._control = None
-        self.pid = None
 
     def set_delay_ms(self, delay_ms: float) -> dict:
         return self._require_control().set_delay_ms(delay_ms)
@@ -1026,11 +924,6 @@ class LatencyProxy:
             raise RuntimeError("the proxy is not running; call start() first")
         return self._control
 
-    def __enter__(self) -> LatencyProxy:
-        return self.start()
-
-    def __exit__(self, *exc_info) -> None:
-        self.stop()
 
 
 if __name__ == "__main__":

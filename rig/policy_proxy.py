@@ -35,25 +35,19 @@ import json
 import logging
 import os
 import re
-import select
 import signal
-import subprocess
-import sys
-import tempfile
-import time
 import urllib.error
 import urllib.parse
 import urllib.request
-from pathlib import Path
 from typing import NamedTuple
 
 import aiohttp
 from aiohttp import web
 
+from rig.proxy_process import HOST, ControlClient, ProxyProcess
+
 log = logging.getLogger("rig.policy_proxy")
 
-HOST = "127.0.0.1"
-REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
 class Limit(NamedTuple):
@@ -137,8 +131,6 @@ _FILTER_OR = re.compile(r"\bOR\b", re.IGNORECASE)
 _FILTER_TAG_NOT_EQUAL = re.compile(r"\btags?\.[\w.\-]+\s*(?:!=|<>)", re.IGNORECASE)
 _FILTER_TAG_LIKE = re.compile(r"\btags?\.[\w.\-]+\s+(?:NOT\s+)?I?LIKE\b", re.IGNORECASE)
 
-# urllib reads proxy settings from the environment, so control calls use an opener without them.
-_DIRECT_OPENER = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 
 
 class PolicyViolation(Exception):
@@ -696,38 +688,26 @@ def main(argv: list[str] | None = None) -> None:
 # The parent side: start, control and stop the proxy subprocess.
 
 
-class PolicyProxyControl:
+class PolicyProxyControl(ControlClient):
     """Client of a running policy proxy's control endpoint; works from any process."""
 
-    def __init__(self, control_port: int, timeout_s: float = 5.0):
-        self.control_port = control_port
-        self.timeout_s = timeout_s
+    kind = "policy proxy"
 
     def throttle(self, count: int, retry_after_s: int) -> dict:
         """Respond to the next `count` log-batch requests with 429 and `Retry-After: retry_after_s`."""
         query = urllib.parse.urlencode({"count": count, "retry_after_s": retry_after_s})
         return self._get(f"/throttle?{query}")
 
-    def stats(self) -> dict:
-        return self._get("/stats")
 
-    def _get(self, path: str) -> dict:
-        url = f"http://{HOST}:{self.control_port}{path}"
-        try:
-            with _DIRECT_OPENER.open(url, timeout=self.timeout_s) as response:
-                return json.loads(response.read())
-        except urllib.error.HTTPError as error:
-            detail = error.read().decode(errors="replace")
-            raise RuntimeError(f"policy proxy control request {path} failed: {error.code} {detail}")
-
-
-class PolicyProxy:
+class PolicyProxy(ProxyProcess):
     """A policy proxy subprocess with one profile in front of `target_port` on 127.0.0.1.
 
     Use as a context manager, or call `start()` and `stop()`. The subprocess runs in its own
     session, so `stop()` signals exactly its process group. Its stderr goes to `log_path`, or
     to a temporary file when `log_path` is None.
     """
+
+    kind = "policy proxy"
 
     def __init__(
         self,
@@ -740,16 +720,12 @@ class PolicyProxy:
     ):
         if profile not in PROFILES:
             raise ValueError(f"unknown profile {profile!r}; use one of {', '.join(PROFILES)}")
+        super().__init__(log_path, startup_timeout_s)
         self.target_port = target_port
         self.profile = profile
         self.limits = dict(limits or {})
-        self.log_path = Path(log_path) if log_path else None
-        self.startup_timeout_s = startup_timeout_s
-        self.pid: int | None = None
         self.port: int | None = None
         self.control: PolicyProxyControl | None = None
-        self._popen: subprocess.Popen | None = None
-        self._log_file = None
 
     @property
     def uri(self) -> str:
@@ -768,110 +744,27 @@ class PolicyProxy:
             raise RuntimeError("the policy proxy is not running; call start() first")
         return self.control
 
-    def start(self) -> PolicyProxy:
-        """Start the subprocess and wait until both of its listeners are bound."""
-        if self._popen is not None and self._popen.poll() is None:
-            raise RuntimeError(f"the policy proxy is already running with PID {self._popen.pid}")
-
-        if self.log_path is not None:
-            self.log_path.parent.mkdir(parents=True, exist_ok=True)
-            self._log_file = open(self.log_path, "a+b")
-        else:
-            self._log_file = tempfile.TemporaryFile()
-        argv = [
-            sys.executable, "-m", "rig.policy_proxy",
+    def _argv(self) -> list[str]:
+        return [
+            "-m", "rig.policy_proxy",
             "--profile", self.profile,
             "--target-port", str(self.target_port),
             "--listen-port", "0",
             "--control-port", "0",
             "--limits", json.dumps(self.limits),
         ]
-        self._popen = subprocess.Popen(
-            argv,
-            cwd=REPO_ROOT,
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.PIPE,
-            stderr=self._log_file,
-            start_new_session=True,
-        )
-        self.pid = self._popen.pid
-        try:
-            ready = self._read_ready_line()
-        except BaseException:
-            self.stop()
-            raise
+
+    def _on_ready(self, ready: dict) -> None:
         self.port = ready["listen_port"]
         self.control = PolicyProxyControl(ready["control_port"])
         log.info(
             "%s policy proxy on port %d for port %d (PID %d)",
             self.profile, self.port, self.target_port, self.pid,
         )
-        return self
 
-    def _read_ready_line(self) -> dict:
-        deadline = time.monotonic() + self.startup_timeout_s
-        stdout = self._popen.stdout
-        while True:
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                raise RuntimeError(
-                    f"timed out after {self.startup_timeout_s:g} s waiting for the policy proxy "
-                    f"(PID {self.pid}) to listen. Its log:\n{self.log_tail()}"
-                )
-            readable, _, _ = select.select([stdout], [], [], min(remaining, 0.2))
-            if readable:
-                line = stdout.readline()
-                if line:
-                    return json.loads(line)
-            if self._popen.poll() is not None:
-                raise RuntimeError(
-                    f"the policy proxy exited with code {self._popen.returncode} during "
-                    f"start-up. Its log:\n{self.log_tail()}"
-                )
-
-    def log_tail(self, max_bytes: int = 4000) -> str:
-        if self._log_file is None:
-            return ""
-        self._log_file.flush()
-        self._log_file.seek(0, os.SEEK_END)
-        size = self._log_file.tell()
-        self._log_file.seek(max(0, size - max_bytes))
-        return self._log_file.read().decode(errors="replace")
-
-    def stop(self, timeout_s: float = 5.0) -> None:
-        """Send SIGTERM to the proxy's process group, then SIGKILL after `timeout_s` seconds."""
-        popen = self._popen
-        if popen is None:
-            return
-        if popen.poll() is None:
-            _signal_group(popen.pid, signal.SIGTERM)
-            try:
-                popen.wait(timeout=timeout_s)
-            except subprocess.TimeoutExpired:
-                log.warning("policy proxy PID %d ignored SIGTERM; sending SIGKILL", popen.pid)
-                _signal_group(popen.pid, signal.SIGKILL)
-                popen.wait(timeout=5)
-        if popen.stdout is not None:
-            popen.stdout.close()
-        if self._log_file is not None:
-            self._log_file.close()
-            self._log_file = None
-        self._popen = None
+    def _on_stopped(self) -> None:
         self.port = None
         self.control = None
-
-    def __enter__(self) -> PolicyProxy:
-        return self.start()
-
-    def __exit__(self, *exc_info) -> None:
-        self.stop()
-
-
-def _signal_group(pgid: int, signum: int) -> None:
-    try:
-        os.killpg(pgid, signum)
-    except ProcessLookupError:
-        pass
 
 
 if __name__ == "__main__":
