@@ -8,7 +8,8 @@ temporary folder with the spool off), because MLflow often deletes its temporary
 as ``log_artifact`` returns, and a backend that is down gets them later, from this process or
 from a replay. The copies are capped at ``spool_max_artifact_bytes``: an upload over the cap
 raises in strict mode and is otherwise recorded as a dead letter with a warning. Other
-secondary failures, including a failed copy, are logged and never raised. Listing and
+secondary failures are retried and logged, and raised only in strict mode; a failed copy is
+only logged. Listing and
 downloads read from the primary and fall back to the secondary when the primary fails.
 """
 

@@ -49,8 +49,8 @@ class Write:
     carries its arguments in ``args``, a dict of JSON values, MLflow entities and MLflow
     ``Model`` objects, so that the write can be spooled to disk and replayed by another
     process. ``run_id`` is always the primary's id. ``spool_id`` is the write's row in the
-    spool once it is durable; ``attempts`` counts failed sends; ``uncertain`` is set when a
-    send may have reached the backend although it failed, so a retry checks before writing.
+    spool once it is durable, and ``attempts`` counts failed sends. ``uncertain`` is set when
+    a send may have reached the backend although it failed, so that a retry checks first.
     Slotted, because a full queue contains ``buffer_capacity_points`` of them.
     """
 

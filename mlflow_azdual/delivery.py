@@ -8,10 +8,10 @@ per backend and operation. A failure after which the request may have been appli
 backend before writing again. Every failed attempt is recorded on the request's writes
 (``attempts``, ``uncertain``) and, through ``record_failure``, in the spool.
 
-When the budget runs out, ``keep_probing=False`` returns ``GIVEN_UP`` (used by replay, which
-leaves the write in its spool file), and ``keep_probing=True`` calls ``on_give_up`` once and
-goes on retrying every ``policy.max_backoff_s`` (used by a live process's writer, so that a
-backend that returns later still gets the write).
+When the budget runs out, ``keep_probing=False`` returns ``GIVEN_UP``. Replay uses it and
+leaves the write in its spool file. With ``keep_probing=True`` it calls ``on_give_up`` once and
+goes on retrying every ``policy.max_backoff_s``. A live process's writer uses that, so that a
+backend that returns later still gets the write.
 """
 
 import logging

@@ -1,4 +1,4 @@
-"""Loggers of the plugin, which remove secrets from every record before any handler sees it.
+"""Loggers of the plugin, which remove secrets from every record before any handler receives it.
 
 Messages of the plugin quote errors of the backends and of their client libraries, which can
 contain a URL with user info, a token or a storage connection string. ``get_logger`` returns

@@ -11,6 +11,7 @@ import time
 from collections import Counter
 from typing import Callable, Optional
 
+from mlflow_azdual.delivery import describe_error
 from mlflow_azdual.forking import renew_after_fork
 from mlflow_azdual.logs import get_logger
 from mlflow_azdual.uri import redact_uri
@@ -66,11 +67,5 @@ class Mirror:
         _logger.warning(
             "mlflow-azdual: secondary write failed and was not mirrored: backend=%s "
             "operation=%s run_id=%s error=%s%s",
-            self.backend, operation, run_id or "-", _describe(error), repeats,
+            self.backend, operation, run_id or "-", describe_error(error), repeats,
         )
-
-
-def _describe(error: Exception) -> str:
-    text = f"{type(error).__name__}: {error}"
-    first_line = text.splitlines()[0] if text else type(error).__name__
-    return first_line[:500]

@@ -5,9 +5,9 @@ unsent, or killed). ``replay_directory`` claims each such file of one configurat
 writes in spool order, through the dual store's own senders and retry policy, deleting each
 row once the backend acknowledged it. The primary's writes go first, so that a run copied to
 the secondary from the primary already has the primary's replayed metrics. Every
-replayed write is ``uncertain``: its process may have sent it just before ending, so metrics
-and params already on the backend are left out (``idempotency``) and a run, logged model or
-model version is looked up by its mapping tag before it is created.
+replayed write is ``uncertain``, because its process may have sent it just before ending.
+Metrics and params already on the backend are left out (``idempotency``), and a run, logged
+model or model version is looked up by its mapping tag before it is created.
 
 A permanent rejection goes to the file's dead letters. When a backend stays unavailable for the
 policy's time budget, that backend's remaining writes stay in the file for a later replay. A

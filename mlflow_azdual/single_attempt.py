@@ -6,7 +6,7 @@ For a writer thread that is wrong twice: a create that the server committed befo
 sent again and creates a second run, and the Retry-After of a 429 is lost in an exception.
 ``make_single_attempt`` gives one store instance a ``_call_endpoint`` that sends one request,
 with a timeout, and raises ``BackendHttpError`` (with the HTTP status and Retry-After) on a
-non-2xx answer. Credentials are still fetched per request with the store's own
+non-2xx response. Credentials are still fetched per request with the store's own
 ``get_host_creds``. Only instances of classes that keep MLflow's ``_call_endpoint`` are
 changed; a store class with its own (a plugin's) keeps its behaviour.
 """

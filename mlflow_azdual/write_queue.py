@@ -8,7 +8,7 @@ and never sends the parent's writes.
 
 With a spool (the default), every write is staged in the process's spool file when it is
 submitted, and the worker sends a write only after its row is committed, so a write is on
-disk before any backend sees it. A write's row is deleted once the backend acknowledged it.
+disk before any backend receives it. A write's row is deleted once the backend acknowledged it.
 When the in-memory queue is full the caller does not block: the write goes to the spool only
 ("spilled"), and the worker reads the spilled writes back from the spool, in order, after the
 in-memory ones. Without a spool a full queue blocks the caller for at most
@@ -93,7 +93,7 @@ class WriteQueue:
     ):
         """``send(request, uncertain)`` sends one ``Batch`` or barrier ``Write`` and raises on
         failure. ``spool()`` returns this process's spool, or None to keep writes in memory
-        only. ``on_failure`` is told about every dead letter and every give-up.
+        only. ``on_failure`` is called with every dead letter and every give-up.
         """
         self.backend = backend
         self._send = send

@@ -12,7 +12,7 @@ port. Once both listeners are bound, the proxy prints one JSON line to stdout,
 `{"listen_port": ..., "control_port": ...}`. It stops on SIGTERM or SIGINT.
 
 The proxy reads each request body in full, checks it against the profile, and then forwards
-it to the target, possibly rewritten (tags dropped at runs/create), or answers it itself with
+it to the target, possibly rewritten (tags dropped at runs/create), or responds itself with
 an MLflow-style JSON error. Requests outside the MLflow REST API (`/api/2.0/mlflow/...`,
 `/ajax-api/2.0/mlflow/...`) pass through unchanged.
 
