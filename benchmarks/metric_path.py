@@ -120,7 +120,10 @@ class Bench:
 
         self.log_dir.mkdir(parents=True, exist_ok=True)
         self.rig.start()
-        for name, uri in (("primary", self.rig.primary_uri), ("secondary", self.rig.secondary_uri)):
+        # The latency proxies forward to the MLflow servers themselves: the rig's policy
+        # proxies would add a hop of their own to every measurement.
+        servers = (("primary", self.rig.primary_server_uri), ("secondary", self.rig.secondary_server_uri))
+        for name, uri in servers:
             port = int(uri.rsplit(":", 1)[1])
             proxy = LatencyProxy(port, log_path=self.log_dir / f"proxy-{name}.log")
             self.proxies[name] = proxy.start()
@@ -143,8 +146,8 @@ class Bench:
 
     def base_params(self) -> dict:
         return {
-            "primary_uri": self.rig.primary_uri,
-            "secondary_uri": self.rig.secondary_uri,
+            "primary_uri": self.rig.primary_server_uri,
+            "secondary_uri": self.rig.secondary_server_uri,
             "primary_proxy_uri": self.proxies["primary"].uri,
             "secondary_proxy_uri": self.proxies["secondary"].uri,
             "secondary_control_port": self.proxies["secondary"].control_port,

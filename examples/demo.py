@@ -157,9 +157,8 @@ def main(argv=None):
     from mlflow import MlflowClient
 
     from mlflow_azdual.id_mapping import SECONDARY_RUN_ID_TAG
-    from mlflow_azdual.uri import explicit_tracking_uri
 
-    tracking_uri = explicit_tracking_uri(rig.primary_uri, rig.secondary_uri)
+    tracking_uri = rig.dual_tracking_uri()
     os.environ["MLFLOW_TRACKING_URI"] = tracking_uri
     mlflow.set_tracking_uri(tracking_uri)
     mlflow.set_registry_uri(tracking_uri)

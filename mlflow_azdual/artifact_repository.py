@@ -21,7 +21,7 @@ import uuid
 from mlflow.store.artifact.artifact_repo import ArtifactRepository
 
 from mlflow_azdual import artifact_uri as dual_uri
-from mlflow_azdual import compat
+from mlflow_azdual import compat, model_as_run_artifacts
 from mlflow_azdual.logs import get_logger
 from mlflow_azdual.mirror import Mirror
 
@@ -242,6 +242,45 @@ def _upload(repository, operation, local_path, artifact_path):
     return repository.log_artifact(local_path, artifact_path)
 
 
+def _point_model_at_secondary_run(store, roots, staged, artifact_path):
+    """Rewrite the MLmodel file of a model upload that the secondary keeps as run artifacts.
+
+    The rewritten file names the secondary run, not the primary's ids. Returns the model's
+    run location and the folder of the rewritten file, or None for any other upload.
+    """
+    mirror_of = roots.mirror_of or ""
+    if not mirror_of.startswith("model:") or roots.sub_path or artifact_path:
+        return None
+    as_artifacts = store.run_artifact_model(mirror_of.split(":", 1)[1])
+    if as_artifacts is None:
+        return None
+    if os.path.isdir(staged):
+        folder = staged
+    elif os.path.basename(staged) == model_as_run_artifacts.MLMODEL_FILE_NAME:
+        folder = os.path.dirname(staged)
+    else:
+        return None
+    if not model_as_run_artifacts.rewrite_mlmodel(folder, as_artifacts):
+        return None
+    return as_artifacts, folder
+
+
+def _record_model_on_secondary_run(store, as_artifacts, folder):
+    """Add the model to the secondary run's ``mlflow.log-model.history`` tag, as MLflow 2 did,
+    so the workspace lists it with the run. A failure is logged: the files are uploaded."""
+    from mlflow.models import Model
+
+    try:
+        model = Model.load(os.path.join(folder, model_as_run_artifacts.MLMODEL_FILE_NAME))
+        store.secondary.record_logged_model(as_artifacts.run_id, model)
+    except Exception as error:
+        _logger.warning(
+            "mlflow-azdual: the model at %s is on the secondary, but recording it in the run's "
+            "model history failed: %s: %s",
+            as_artifacts.location, type(error).__name__, str(error).splitlines()[0][:300],
+        )
+
+
 def apply_secondary(store, write):
     """Send a queued artifact write (``artifact.<operation>``) to the secondary repository.
 
@@ -258,6 +297,7 @@ def apply_secondary(store, write):
     staged = args["staged_path"]
     if not os.path.exists(staged):
         raise LookupError(f"the staged copy {staged} of the upload is missing")
+    model_folder = _point_model_at_secondary_run(store, repository.roots, staged, args["artifact_path"])
     try:
         _upload(repository.secondary, operation, staged, args["artifact_path"])
     except Exception as error:
@@ -265,4 +305,6 @@ def apply_secondary(store, write):
             raise
         shutil.rmtree(os.path.dirname(staged), ignore_errors=True)
         raise
+    if model_folder is not None:
+        _record_model_on_secondary_run(store, *model_folder)
     shutil.rmtree(os.path.dirname(staged), ignore_errors=True)

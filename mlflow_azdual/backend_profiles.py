@@ -11,7 +11,8 @@ limits come from public reports, not from the services' own documentation:
   (Azure/azure-sdk-for-python#35685), param values of at most 500 characters (kedro-mlflow
   issue 551), ``mlflow.source.name`` / ``mlflow.source.type`` dropped when passed to create_run
   (Azure/azure-sdk-for-python#45207) and ``mlflow.user`` refused as a tag
-  (mlflow/mlflow-export-import#78).
+  (mlflow/mlflow-export-import#78), and no logged-model endpoints
+  (Azure/azure-sdk-for-python#44896).
 """
 
 import dataclasses
@@ -33,6 +34,8 @@ class BackendProfile:
     # Tags the backend refuses, and tags it drops when they are passed to create_run.
     refused_tags: frozenset = frozenset()
     dropped_at_create_run: frozenset = frozenset()
+    # False: no MLflow 3 logged-model endpoints, so models are kept as run artifacts there.
+    logged_models: bool = True
 
 
 PROFILES = {
@@ -44,6 +47,7 @@ PROFILES = {
         max_param_value_chars=500,
         refused_tags=frozenset({"mlflow.user"}),
         dropped_at_create_run=frozenset({"mlflow.source.name", "mlflow.source.type"}),
+        logged_models=False,
     ),
     "mlflow": BackendProfile("mlflow", BatchLimits()),
 }

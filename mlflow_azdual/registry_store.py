@@ -250,11 +250,16 @@ class DualRegistryStore(AbstractStore):
         mapping = getattr(tracking, "mapping", None)
         secondary_run_id = tracking._secondary_run(run_id).run_id if (mapping and run_id) else None
         secondary_model_id = None
-        if model_id and mapping is not None:
-            secondary_model_id = mapping.secondary_model_id(model_id)
-        secondary_source = self._secondary_source(
-            source, run_id, secondary_run_id, model_id, secondary_model_id
-        )
+        secondary_source = None
+        if model_id and mapping is not None and mapping.secondary_model_id(model_id):
+            # The logged model's own location on the secondary, never a models:/ URI, and no
+            # model id when the secondary keeps the model as run artifacts.
+            secondary_source, secondary_model_id = tracking.secondary_model_version_source(model_id)
+            as_artifacts = tracking.run_artifact_model(model_id)
+            if as_artifacts is not None:
+                secondary_run_id = as_artifacts.run_id
+        if secondary_source is None:
+            secondary_source = self._secondary_source(source, run_id, secondary_run_id)
         if secondary_source is None:
             raise LookupError(
                 f"source {source!r} of model version {name} {version} has no copy on the secondary"
@@ -277,8 +282,11 @@ class DualRegistryStore(AbstractStore):
         )
         return mirrored
 
-    def _secondary_source(self, source, run_id, secondary_run_id, model_id, secondary_model_id):
-        """Return the secondary's equivalent of a model version source, or None if it has none."""
+    def _secondary_source(self, source, run_id, secondary_run_id):
+        """Return the secondary's equivalent of a model version source, or None if it has none.
+
+        A ``models:/`` source has no equivalent here: it is resolved from the model id.
+        """
         if dual_uri.is_dual_artifact_uri(source):
             roots = dual_uri.resolve(source)
             if roots.secondary or not roots.mirror_of:
@@ -290,12 +298,8 @@ class DualRegistryStore(AbstractStore):
             path = parsed.path.lstrip("/").split("/", 1)
             sub_path = path[1] if len(path) > 1 else ""
             return f"runs:/{secondary_run_id}/{sub_path}".rstrip("/")
-        if parsed.scheme == "models" and model_id:
-            # A models:/ source is resolved by the registry's own tracking store, which may be
-            # the client's (SQL stores); the logged model's storage location works everywhere.
-            if not secondary_model_id:
-                return None
-            return self.tracking.secondary.get_logged_model(secondary_model_id).artifact_location
+        if parsed.scheme == "models":
+            return None
         if run_id and secondary_run_id:
             tracking = self.tracking
             primary_root = tracking.primary.get_run(run_id).info.artifact_uri

@@ -27,6 +27,7 @@ from mlflow.store.tracking.abstract_store import AbstractStore
 
 from mlflow_azdual import artifact_uri as dual_uri
 from mlflow_azdual import compat, rest_batch, routing
+from mlflow_azdual import model_as_run_artifacts as run_artifact_models
 from mlflow_azdual.coalesce import Batch, BatchLimits, Write
 from mlflow_azdual.forking import renew_after_fork
 from mlflow_azdual.id_mapping import (
@@ -516,6 +517,20 @@ class DualTrackingStore(AbstractStore):
             raise LookupError(f"logged model {primary_id} has no mirror on the secondary")
         return self._model_location(primary_id, secondary_id)
 
+    def secondary_model_version_source(self, primary_model_id):
+        """Return the secondary's location of a logged model and its model id, if it has one.
+
+        The id is None when the secondary keeps the model as run artifacts. Raises LookupError
+        when the model has no mirror.
+        """
+        secondary_id = self.mapping.secondary_model_id(primary_model_id)
+        if secondary_id is None:
+            raise LookupError(f"logged model {primary_model_id} has no mirror on the secondary")
+        location = self._model_location(primary_model_id, secondary_id)
+        if run_artifact_models.parse(secondary_id) is not None:
+            return location, None
+        return location, secondary_id
+
     # Artifact locations
 
     def _dual_run_info(self, run_info):
@@ -554,19 +569,38 @@ class DualTrackingStore(AbstractStore):
 
     def _model_location(self, primary_id, secondary_id):
         if primary_id not in self._model_locations:
-            model = self.secondary.get_logged_model(secondary_id)
-            self._model_locations[primary_id] = model.artifact_location
+            as_artifacts = run_artifact_models.parse(secondary_id)
+            if as_artifacts is not None:
+                run_root = self.secondary.get_run(as_artifacts.run_id).info.artifact_uri
+                location = dual_uri.join(run_root, as_artifacts.artifact_path)
+            else:
+                location = self.secondary.get_logged_model(secondary_id).artifact_location
+            self._model_locations[primary_id] = location
         return self._model_locations[primary_id]
 
     def _dual_logged_model(self, model):
         if model is None:
             return model
+        location = self._model_locations.get(model.model_id)
+        if self.run_artifact_model(model.model_id, cached=True) is not None:
+            # Uploads name the model, so that its MLmodel file is rewritten for the secondary.
+            location = None
         model._artifact_location = dual_uri.make_dual_artifact_uri(
-            model.artifact_location,
-            self._model_locations.get(model.model_id),
-            mirror_of=f"model:{model.model_id}",
+            model.artifact_location, location, mirror_of=f"model:{model.model_id}",
         )
         return model
+
+    def run_artifact_model(self, primary_model_id, cached=False):
+        """Return where the secondary keeps a logged model as run artifacts, or None.
+
+        None also when the model has a logged model on the secondary or no mirror yet.
+        ``cached`` looks only at this process's mapping, without a request.
+        """
+        if cached:
+            secondary_id = self.mapping.cached_secondary_model_id(primary_model_id)
+        else:
+            secondary_id = self.mapping.secondary_model_id(primary_model_id)
+        return run_artifact_models.parse(secondary_id)
 
     # Experiments
 
@@ -849,7 +883,13 @@ class DualTrackingStore(AbstractStore):
         run_id = self._mirror_run_id(write)
         if run_id is None:
             return
-        extra = {} if models is None else {"models": self._translate_model_refs(models)}
+        extra = {}
+        if models:
+            translated = self._translate_model_refs(models)
+            if translated:
+                extra["models"] = translated
+            elif not datasets:
+                return
         self.secondary.log_inputs(run_id, datasets=datasets, **extra)
 
     def log_outputs(self, run_id, models):
@@ -859,8 +899,10 @@ class DualTrackingStore(AbstractStore):
 
     def _mirror_log_outputs(self, write, uncertain, models):
         run_id = self._mirror_run_id(write)
-        if run_id is not None:
-            self.secondary.log_outputs(run_id, self._translate_model_refs(models))
+        translated = self._translate_model_refs(models)
+        # Models kept as run artifacts on the secondary are not logged-model outputs there.
+        if run_id is not None and translated:
+            self.secondary.log_outputs(run_id, translated)
 
     def record_logged_model(self, run_id, mlflow_model):
         self.flush_primary(run_id)
@@ -880,15 +922,21 @@ class DualTrackingStore(AbstractStore):
         if not model_id:
             return metric
         mirrored = copy.copy(metric)
-        mirrored._model_id = self.mapping.cached_secondary_model_id(model_id)
+        secondary_id = self.mapping.cached_secondary_model_id(model_id)
+        if run_artifact_models.parse(secondary_id) is not None:
+            secondary_id = None
+        mirrored._model_id = secondary_id
         return mirrored
 
     def _translate_model_refs(self, references):
-        """Return logged-model inputs or outputs with model ids of the secondary; drop unmapped."""
+        """Return logged-model inputs or outputs with model ids of the secondary.
+
+        References to models without a mirror, or kept as run artifacts, are left out.
+        """
         translated = []
         for reference in references or []:
             secondary_id = self.mapping.secondary_model_id(reference.model_id)
-            if secondary_id is None:
+            if secondary_id is None or run_artifact_models.parse(secondary_id) is not None:
                 continue
             mirrored = copy.copy(reference)
             mirrored._model_id = secondary_id
@@ -904,6 +952,9 @@ class DualTrackingStore(AbstractStore):
         arguments = dict(
             signature(self.primary.create_logged_model).bind(experiment_id, *args, **kwargs).arguments
         )
+        # The primary names a model created without a name; the mirror gets the same name.
+        if not arguments.get("name"):
+            arguments["name"] = model.name
         self.enqueue_secondary(
             "create_logged_model",
             arguments.get("source_run_id"),
@@ -916,6 +967,8 @@ class DualTrackingStore(AbstractStore):
     def _mirror_create_logged_model(self, write, uncertain, model_id, arguments):
         from mlflow.entities import LoggedModelTag
 
+        if not self.secondary_profile.logged_models:
+            return self._mirror_model_as_run_artifacts(write, model_id, arguments)
         arguments = dict(arguments)
         arguments["experiment_id"] = self.mapping.secondary_experiment_id(arguments["experiment_id"])
         if uncertain or write.uncertain:
@@ -930,22 +983,58 @@ class DualTrackingStore(AbstractStore):
         return self._remember_model_mirror(model_id, self.secondary.create_logged_model(**arguments))
 
     def _remember_model_mirror(self, model_id, mirrored):
+        self._record_model_mirror(model_id, mirrored.model_id, mirrored.artifact_location)
+        return mirrored
+
+    def _record_model_mirror(self, model_id, secondary_id, location):
         from mlflow.entities import LoggedModelTag
 
-        self.mapping.remember_model(model_id, mirrored.model_id)
-        self._model_locations[model_id] = mirrored.artifact_location
+        self.mapping.remember_model(model_id, secondary_id)
+        self._model_locations[model_id] = location
         self.primary.set_logged_model_tags(
-            model_id, [LoggedModelTag(SECONDARY_MODEL_ID_TAG, mirrored.model_id)]
+            model_id, [LoggedModelTag(SECONDARY_MODEL_ID_TAG, secondary_id)]
         )
-        return mirrored
+
+    def _mirror_model_as_run_artifacts(self, write, model_id, arguments):
+        """Record the secondary run folder that keeps a logged model, for a secondary without
+        the logged-model API; the model's artifact uploads then go there.
+        """
+        source_run_id = arguments.get("source_run_id")
+        if not source_run_id:
+            self.mirror.record_unsupported(
+                write.operation,
+                f"the secondary ({self.secondary_profile.name} profile) has no logged-model API, "
+                "and a logged model without a source run has no run to keep its artifacts",
+            )
+            return None
+        secondary_run = self._secondary_run(source_run_id)
+        as_artifacts = run_artifact_models.RunArtifactModel(
+            secondary_run.run_id,
+            run_artifact_models.artifact_path_for(arguments.get("name"), model_id),
+        )
+        location = dual_uri.join(secondary_run.artifact_uri, as_artifacts.artifact_path)
+        self._record_model_mirror(model_id, as_artifacts.location, location)
+        return as_artifacts
 
     def get_logged_model(self, model_id, *args, **kwargs):
         return self._dual_logged_model(self.primary.get_logged_model(model_id, *args, **kwargs))
 
     def _secondary_model_id(self, operation, model_id):
+        """Return the secondary logged-model id of ``model_id``, or None when there is none.
+
+        A model kept as run artifacts has no logged model on the secondary, so its status,
+        tags and params stay on the primary.
+        """
         secondary_id = self.mapping.secondary_model_id(model_id)
         if secondary_id is None:
             self.mirror.record_unsupported(operation, "the logged model has no mirror on the secondary")
+            return None
+        if run_artifact_models.parse(secondary_id) is not None:
+            _logger.debug(
+                "mlflow-azdual: %s of logged model %s stays on the primary, because the "
+                "secondary keeps the model as run artifacts (%s)", operation, model_id, secondary_id,
+            )
+            return None
         return secondary_id
 
     def finalize_logged_model(self, model_id, status):

@@ -2,6 +2,12 @@
 
 `Rig` starts moto (S3), Azurite (Azure Blob) and two `mlflow server` processes, each with
 its own SQLite store: the primary stores artifacts in moto S3, the secondary in Azurite.
+Each MLflow server sits behind a policy proxy (`rig.policy_proxy`) that emulates the limits
+published for its service: the Databricks rules in front of the primary, the Azure ML rules
+in front of the secondary. These are emulations of public reports, not the services.
+`primary_uri` and `secondary_uri` are the proxies' addresses; `primary_server_uri` and
+`secondary_server_uri` reach the MLflow servers directly.
+
 Clients write artifacts straight to storage, so they need `Rig.env`. The rig writes
 state.json into its state dir, and `Rig.attach()` rebuilds a Rig from it in another process.
 """
@@ -17,6 +23,7 @@ import time
 from pathlib import Path
 
 from rig.guard import GUARD_PATH
+from rig.policy_proxy import PolicyProxyControl
 from rig.processes import ServerProcess, find_free_ports
 
 log = logging.getLogger("rig")
@@ -33,8 +40,12 @@ AZURITE_ACCOUNT_KEY = (
     "Eby8vdM02xNOcqFlqUwJPLlmEtlCDXJ1OUzFT50uSRZ6IFsuFq2UVErCz4I6tq/K1SZFPTOtr/KBHBeksoGMGw=="
 )
 
-SERVER_NAMES = ("moto", "azurite", "primary", "secondary")
+SERVER_NAMES = ("moto", "azurite", "primary", "secondary", "primary-policy", "secondary-policy")
 MLFLOW_SERVER_NAMES = ("primary", "secondary")
+# The policy profile emulated in front of each MLflow server, and the plugin's matching
+# backend profile options for a dual URI over the rig.
+POLICY_PROFILES = {"primary": "databricks", "secondary": "azureml"}
+PLUGIN_PROFILE_OPTIONS = {"primary_profile": "databricks", "secondary_profile": "azureml"}
 
 
 def find_azurite_blob() -> str:
@@ -82,13 +93,17 @@ class Rig:
     # Construction of the four servers.
 
     def _build_processes(self) -> None:
-        moto_port, azurite_port, primary_port, secondary_port = find_free_ports(4)
+        ports = find_free_ports(8)
+        moto_port, azurite_port, primary_port, secondary_port = ports[:4]
         self._ports = {
             "moto": moto_port,
             "azurite": azurite_port,
             "primary": primary_port,
             "secondary": secondary_port,
+            "primary-policy": ports[4],
+            "secondary-policy": ports[5],
         }
+        control_ports = {"primary-policy": ports[6], "secondary-policy": ports[7]}
         logs = self.state_dir / "logs"
         self.processes = {
             "moto": ServerProcess(
@@ -147,6 +162,25 @@ class Rig:
                 },
             )
 
+        for name, profile in POLICY_PROFILES.items():
+            proxy_name = f"{name}-policy"
+            control_port = control_ports[proxy_name]
+            self.processes[proxy_name] = ServerProcess(
+                proxy_name,
+                [
+                    sys.executable, "-m", "rig.policy_proxy",
+                    "--profile", profile,
+                    "--target-port", str(self._ports[name]),
+                    "--listen-port", str(self._ports[proxy_name]),
+                    "--control-port", str(control_port),
+                ],
+                port=self._ports[proxy_name],
+                health_url=f"http://127.0.0.1:{control_port}/stats",
+                log_path=logs / f"{proxy_name}.log",
+                cwd=REPO_ROOT,
+                extra_env=self._python_server_env(),
+            )
+
     def _python_server_env(self) -> dict[str, str]:
         """Return the environment additions for a Python server: client env plus the guard.
 
@@ -160,11 +194,41 @@ class Rig:
 
     @property
     def primary_uri(self) -> str:
-        return f"http://127.0.0.1:{self._ports['primary']}"
+        """The Databricks stand-in: the primary MLflow server behind the Databricks policy."""
+        return f"http://127.0.0.1:{self._ports['primary-policy']}"
 
     @property
     def secondary_uri(self) -> str:
+        """The Azure ML stand-in: the secondary MLflow server behind the Azure ML policy."""
+        return f"http://127.0.0.1:{self._ports['secondary-policy']}"
+
+    @property
+    def primary_server_uri(self) -> str:
+        """The primary MLflow server itself, without the policy proxy."""
+        return f"http://127.0.0.1:{self._ports['primary']}"
+
+    @property
+    def secondary_server_uri(self) -> str:
+        """The secondary MLflow server itself, without the policy proxy."""
         return f"http://127.0.0.1:{self._ports['secondary']}"
+
+    def dual_tracking_uri(self, **options) -> str:
+        """Return the plugin's tracking URI over both stand-ins, with their backend profiles.
+
+        `options` adds plugin options to the URI's query, such as `strict=true`.
+        """
+        from mlflow_azdual.uri import explicit_tracking_uri
+
+        return explicit_tracking_uri(
+            self.primary_uri, self.secondary_uri, **{**PLUGIN_PROFILE_OPTIONS, **options}
+        )
+
+    def policy_control(self, name: str) -> PolicyProxyControl:
+        """Return the control client of the policy proxy in front of `primary` or `secondary`."""
+        if name not in POLICY_PROFILES:
+            raise ValueError(f"unknown MLflow server {name!r}; expected primary or secondary")
+        argv = self._process(f"{name}-policy").argv
+        return PolicyProxyControl(int(argv[argv.index("--control-port") + 1]))
 
     @property
     def s3_endpoint_url(self) -> str:
@@ -248,6 +312,7 @@ class Rig:
             self._create_container()
             for name in MLFLOW_SERVER_NAMES:
                 self.processes[name].wait_ready(self.startup_timeout)
+                self.processes[f"{name}-policy"].wait_ready(self.startup_timeout)
         except BaseException:
             self.stop()
             raise
@@ -273,9 +338,12 @@ class Rig:
     def stop_server(self, name: str) -> None:
         """Stop one server: `primary`, `secondary`, `moto` or `azurite`.
 
-        `start_server(name)` starts it again on the same port.
+        Stopping `primary` or `secondary` stops its policy proxy too, so clients get
+        connection refused, as from a backend that cannot be reached. `start_server(name)`
+        starts it again on the same port.
         """
-        self._process(name).stop()
+        for process in self._processes_of(name):
+            process.stop()
         self._write_state()
 
     def start_server(self, name: str) -> None:
@@ -283,16 +351,25 @@ class Rig:
 
         moto and Azurite come back empty, with the bucket or container created again.
         """
-        process = self._process(name)
-        process.start()
         try:
-            process.wait_ready(self.startup_timeout)
+            for process in self._processes_of(name):
+                if process.is_running():
+                    continue
+                process.start()
+                process.wait_ready(self.startup_timeout)
             if name == "moto":
                 self._create_bucket()
             elif name == "azurite":
                 self._create_container()
         finally:
             self._write_state()
+
+    def _processes_of(self, name: str) -> list[ServerProcess]:
+        """Return the processes that make up server `name`: an MLflow server and its proxy."""
+        processes = [self._process(name)]
+        if name in POLICY_PROFILES:
+            processes.append(self._process(f"{name}-policy"))
+        return processes
 
     def is_server_running(self, name: str) -> bool:
         return self._process(name).is_running()
@@ -355,6 +432,7 @@ class Rig:
         state = {
             "primary_uri": self.primary_uri,
             "secondary_uri": self.secondary_uri,
+            "dual_tracking_uri": self.dual_tracking_uri(),
             "env": self.env,
             "processes": {name: process.to_state() for name, process in self.processes.items()},
         }

@@ -100,9 +100,8 @@ def dual(rig):
     import mlflow
     from mlflow import MlflowClient
 
-    from mlflow_azdual.uri import explicit_tracking_uri
 
-    uri = explicit_tracking_uri(rig.primary_uri, rig.secondary_uri)
+    uri = rig.dual_tracking_uri()
     mlflow.set_tracking_uri(uri)
     mlflow.set_registry_uri(uri)
     yield MlflowClient(tracking_uri=uri, registry_uri=uri)

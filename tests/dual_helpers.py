@@ -5,17 +5,17 @@ import uuid
 from mlflow import MlflowClient
 
 import mlflow_azdual
+from mlflow_azdual.backend_profiles import PROFILES
 
 from mlflow_azdual.id_mapping import (
     PRIMARY_EXPERIMENT_ID_TAG,
     SECONDARY_RUN_ID_TAG,
     TAG_PREFIX,
 )
-from mlflow_azdual.uri import explicit_tracking_uri
 
 
 def dual_tracking_uri(rig) -> str:
-    return explicit_tracking_uri(rig.primary_uri, rig.secondary_uri)
+    return rig.dual_tracking_uri()
 
 
 def backend_clients(rig):
@@ -52,5 +52,30 @@ def user_tags(tags: dict) -> dict:
     return {key: value for key, value in tags.items() if not key.startswith(TAG_PREFIX)}
 
 
+def mirrored_user_tags(primary_tags: dict) -> dict:
+    """Return the user tags that the rig's Azure ML stand-in should have of ``primary_tags``:
+    all but those the azureml profile refuses, such as ``mlflow.user``."""
+    refused = PROFILES["azureml"].refused_tags
+    return {key: value for key, value in user_tags(primary_tags).items() if key not in refused}
+
+
+# Azure ML, and the rig's emulation of it, takes metric-history pages under 1,000 points.
+HISTORY_PAGE_SIZE = 999
+
+
+def metric_history(client, run_id: str, key: str) -> list:
+    """Return every point of ``key``, read in pages that the Azure ML stand-in accepts."""
+    store = client._tracking_client.store
+    points, page_token = [], None
+    while True:
+        page = store.get_metric_history(
+            run_id, key, max_results=HISTORY_PAGE_SIZE, page_token=page_token
+        )
+        points.extend(page)
+        page_token = page.token
+        if not page_token:
+            return points
+
+
 def metric_points(client, run_id: str, key: str):
-    return sorted((m.step, m.value, m.timestamp) for m in client.get_metric_history(run_id, key))
+    return sorted((m.step, m.value, m.timestamp) for m in metric_history(client, run_id, key))

@@ -7,6 +7,7 @@ Databricks and Azure ML keep them in their own cloud storage.
 import mlflow
 import numpy as np
 import pytest
+from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
 from sklearn.datasets import load_iris
 from sklearn.linear_model import LogisticRegression
 
@@ -23,10 +24,22 @@ def iris_model():
 
 
 def artifact_paths(client, run_id, path=None):
+    """Return the paths of a run's files, listed from its artifact location.
+
+    MLflow 3's ``client.list_artifacts(run_id, sub_path)`` also searches logged models, an API
+    that the Azure ML stand-in does not have, so the run's storage is listed directly.
+    """
+    repository = get_artifact_repository(
+        client.get_run(run_id).info.artifact_uri, tracking_uri=client.tracking_uri
+    )
+    return _list_files(repository, path)
+
+
+def _list_files(repository, path):
     paths = []
-    for info in client.list_artifacts(run_id, path):
+    for info in repository.list_artifacts(path):
         if info.is_dir:
-            paths.extend(artifact_paths(client, run_id, info.path))
+            paths.extend(_list_files(repository, info.path))
         else:
             paths.append(info.path)
     return sorted(paths)

@@ -31,7 +31,7 @@ from mlflow_azdual.id_mapping import (
 from mlflow_azdual.spool import spool_directory, spool_root
 from mlflow_azdual.uri import explicit_tracking_uri
 from rig.latency_proxy import LatencyProxy
-from tests.dual_helpers import backend_clients, unique_path
+from tests.dual_helpers import backend_clients, metric_history, unique_path
 
 CLI = Path(sys.executable).with_name("mlflow-azdual")
 # Options that keep points queued, so nothing reaches a backend before a flush, end_run or exit.
@@ -154,7 +154,7 @@ def assert_points(client, run_id: str, expected_steps: int, where: str) -> list:
 
     Returns the sorted steps found, which may include later steps as well.
     """
-    history = client.get_metric_history(run_id, "x")
+    history = metric_history(client, run_id, "x")
     steps = sorted(point.step for point in history)
     assert len(steps) == len(set(steps)), f"duplicate points of x on {where}"
     missing = sorted(set(range(expected_steps)) - set(steps))
@@ -172,8 +172,8 @@ def pending_by_backend(status_json: str) -> dict:
 def test_killed_training_process_is_replayed_by_sync(rig, subprocess_env, tmp_path):
     primary, secondary = backend_clients(rig)
     experiment_id = primary.create_experiment(unique_path())
-    uri = explicit_tracking_uri(
-        rig.primary_uri, rig.secondary_uri, spool_dir=str(tmp_path / "spool"), **QUEUED
+    uri = rig.dual_tracking_uri(
+        spool_dir=str(tmp_path / "spool"), **QUEUED
     )
     script = textwrap.dedent(f"""
         import mlflow
@@ -313,7 +313,7 @@ def set_aside_copies(path: Path) -> list:
 def test_corrupt_spool_file_is_set_aside(rig, subprocess_env, tmp_path):
     primary, secondary = backend_clients(rig)
     spool_dir = str(tmp_path / "spool")
-    uri = explicit_tracking_uri(rig.primary_uri, rig.secondary_uri, spool_dir=spool_dir)
+    uri = rig.dual_tracking_uri(spool_dir=spool_dir)
     directory = spool_directory(spool_root(spool_dir), rig.primary_uri, rig.secondary_uri)
     corrupt = write_corrupt_spool_file(directory, "spool-otherhost-1-deadbeef.sqlite")
     corrupt_bytes = corrupt.read_bytes()
@@ -387,8 +387,8 @@ def test_spool_permissions(rig, subprocess_env, tmp_path, moment):
     spool_dir = tmp_path / "spool"
     primary, _ = backend_clients(rig)
     experiment_id = primary.create_experiment(unique_path())
-    uri = explicit_tracking_uri(
-        rig.primary_uri, rig.secondary_uri, spool_dir=str(spool_dir), **QUEUED
+    uri = rig.dual_tracking_uri(
+        spool_dir=str(spool_dir), **QUEUED
     )
     directory = Path(spool_directory(str(spool_dir), rig.primary_uri, rig.secondary_uri))
     # With umask 0, a mode that the plugin does not set itself shows as world-readable.

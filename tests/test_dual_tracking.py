@@ -24,6 +24,7 @@ from tests.dual_helpers import (
     backend_clients,
     dual_tracking_uri,
     metric_points,
+    mirrored_user_tags,
     secondary_experiment,
     secondary_run_id,
     unique_path,
@@ -51,7 +52,9 @@ def test_fluent_run_lands_on_both(rig, dual):
         primary, run.info.run_id, "epoch_loss"
     )
     assert len(metric_points(secondary, mirror_id, "epoch_loss")) == 20
-    assert user_tags(secondary_run.data.tags) == user_tags(primary_run.data.tags)
+    assert user_tags(secondary_run.data.tags) == mirrored_user_tags(primary_run.data.tags)
+    assert "mlflow.user" in primary_run.data.tags
+    assert "mlflow.user" not in secondary_run.data.tags
     assert secondary_run.data.tags[PRIMARY_RUN_ID_TAG] == run.info.run_id
     assert secondary_run.info.status == primary_run.info.status == "FINISHED"
     assert secondary_run.info.run_name == "fluent"
@@ -87,7 +90,7 @@ def test_client_log_batch_lands_on_both(rig, dual):
     assert len(metric_points(secondary, mirror_id, "m")) == 150
     assert metric_points(secondary, mirror_id, "m") == metric_points(primary, run.info.run_id, "m")
     assert secondary.get_run(mirror_id).data.params == {f"p{i}": str(i) for i in range(20)}
-    assert user_tags(secondary.get_run(mirror_id).data.tags) == user_tags(
+    assert user_tags(secondary.get_run(mirror_id).data.tags) == mirrored_user_tags(
         primary.get_run(run.info.run_id).data.tags
     )
 

@@ -313,7 +313,7 @@ def test_reject_rejects_invalid_parameters(proxy):
 def test_reset_after_forward_commits_on_server(rig, proxy, monkeypatch):
     # One attempt, so the client sees the reset instead of a retry's "already exists".
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
-    name = f"reset-after-forward-{time.time_ns()}"
+    name = f"/Shared/reset-after-forward-{time.time_ns()}"
     stats = proxy.reset_after_forward(1)
     assert stats["reset_after_forward_pending"] == 1
 

@@ -35,7 +35,7 @@ def _health(uri):
 
 def _log_text_artifact(client, tmp_path, text):
     """Create a run with one artifact `note.txt` and return the run."""
-    experiment_id = client.create_experiment(f"rig-{uuid.uuid4().hex}")
+    experiment_id = client.create_experiment(f"/Shared/rig-{uuid.uuid4().hex}")
     run = client.create_run(experiment_id)
     path = tmp_path / "note.txt"
     path.write_text(text)
@@ -79,7 +79,7 @@ def test_secondary_artifact_lands_in_azurite(rig, tmp_path):
 
 def test_secondary_restart_keeps_data(rig):
     client = MlflowClient(rig.secondary_uri)
-    experiment_id = client.create_experiment(f"rig-{uuid.uuid4().hex}")
+    experiment_id = client.create_experiment(f"/Shared/rig-{uuid.uuid4().hex}")
     run_id = client.create_run(experiment_id).info.run_id
     client.log_param(run_id, "alpha", "0.5")
     uri_before = rig.secondary_uri
@@ -182,7 +182,7 @@ def test_child_process_logs_to_azurite(rig, subprocess_env, tmp_path):
         from mlflow import MlflowClient
 
         client = MlflowClient({rig.secondary_uri!r})
-        run = client.create_run(client.create_experiment("rig-child-{uuid.uuid4().hex}"))
+        run = client.create_run(client.create_experiment(f"/Shared/rig-child-{uuid.uuid4().hex}"))
         path = Path({str(tmp_path)!r}) / "child.txt"
         path.write_text("from child")
         client.log_artifact(run.info.run_id, str(path))

@@ -26,7 +26,7 @@ SLOW_FLUSH = {"flush_interval_s": 60, "flush_threshold_points": 40_000}
 
 @pytest.fixture
 def slow_dual(rig):
-    uri = explicit_tracking_uri(rig.primary_uri, rig.secondary_uri, **SLOW_FLUSH)
+    uri = rig.dual_tracking_uri(**SLOW_FLUSH)
     mlflow.set_tracking_uri(uri)
     mlflow.set_registry_uri(uri)
     yield MlflowClient(tracking_uri=uri, registry_uri=uri)
@@ -86,7 +86,7 @@ def test_search_runs_sees_queued_metrics(rig, slow_dual):
 def test_exit_without_end_run_sends_everything(rig, subprocess_env):
     primary, secondary = backend_clients(rig)
     experiment_id = primary.create_experiment(unique_path())
-    uri = explicit_tracking_uri(rig.primary_uri, rig.secondary_uri, **SLOW_FLUSH)
+    uri = rig.dual_tracking_uri(**SLOW_FLUSH)
     script = (
         "import mlflow\n"
         f"mlflow.set_tracking_uri({uri!r})\n"
@@ -314,8 +314,8 @@ def test_copy_during_concurrent_logging_loses_nothing(rig):
     for step in range(100):
         primary.log_metric(run.info.run_id, "before", float(step), step=step)
     # A small queue makes callers block while the worker copies the run from the primary.
-    uri = explicit_tracking_uri(
-        rig.primary_uri, rig.secondary_uri, buffer_capacity_points=64, flush_threshold_points=32
+    uri = rig.dual_tracking_uri(
+        buffer_capacity_points=64, flush_threshold_points=32
     )
     client = MlflowClient(tracking_uri=uri)
 
