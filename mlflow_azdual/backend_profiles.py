@@ -6,6 +6,10 @@ for example to treat a plain MLflow server as an Azure ML stand-in. The write qu
 backend splits batches by its profile's limits, narrowed by the ``max_batch_*`` options. The
 limits come from public reports, not from the services' own documentation:
   Databricks: MLflow's REST limits (1000 metrics, 100 params, 100 tags, 1000 entities).
+  Experiment names must be absolute workspace paths, ``/Users/<user>/...`` or ``/Shared/...``
+  (a plain name gets INVALID_PARAMETER_VALUE "An experiment name must be an absolute path
+  within the Databricks workspace"). A name with a leading ``/Workspace`` or ``//`` is
+  created but then not found by name, so the next create gets RESOURCE_ALREADY_EXISTS.
   Azure ML: at most 250 values of one metric key per log_batch request
   ("MetricV2Dto.Value Count Limit=250", mlflow/mlflow#11462), 200 params per run
   (Azure/azure-sdk-for-python#35685), param values of at most 500 characters (kedro-mlflow
@@ -36,10 +40,22 @@ class BackendProfile:
     dropped_at_create_run: frozenset = frozenset()
     # False: no MLflow 3 logged-model endpoints, so models are kept as run artifacts there.
     logged_models: bool = True
+    # Experiment names: a regular expression that a name must match in full after
+    # normalisation (None: any name), the accepted forms shown in the error, and whether names
+    # are normalised as workspace paths (experiment_names.normalise_workspace_path).
+    experiment_name_pattern: Optional[str] = None
+    experiment_name_forms: tuple = ()
+    normalise_experiment_names: bool = False
 
 
 PROFILES = {
-    "databricks": BackendProfile("databricks", BatchLimits()),
+    "databricks": BackendProfile(
+        "databricks",
+        BatchLimits(),
+        experiment_name_pattern=r"/(Users/[^/]+|Shared)/.+",
+        experiment_name_forms=("/Users/<user>/<name>", "/Shared/<name>"),
+        normalise_experiment_names=True,
+    ),
     "azureml": BackendProfile(
         "azureml",
         BatchLimits(max_values_per_metric_key=250),

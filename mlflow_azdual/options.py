@@ -98,8 +98,9 @@ OPTIONS = (
         _profile_name,
         None,
         "Backend profile (databricks, azureml, mlflow) whose request limits the primary's "
-        "writer follows. Unset: chosen from the primary URI's scheme (databricks://, "
-        "azureml://, anything else mlflow).",
+        "writer follows. databricks also checks and normalises experiment names as workspace "
+        "paths before they are sent. Unset: chosen from the primary URI's scheme "
+        "(databricks://, azureml://, anything else mlflow).",
     ),
     Option(
         "secondary_profile",

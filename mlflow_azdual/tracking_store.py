@@ -97,13 +97,13 @@ class DualTrackingStore(AbstractStore):
             max_params=options["max_batch_params"],
             max_tags=options["max_batch_tags"],
         )
+        # The primary's profile also sets the rule for experiment names.
+        self.primary_profile = profile_for(self._config.primary_uri, options["primary_profile"])
         self.secondary_profile = profile_for(
             self._config.secondary_uri, options["secondary_profile"]
         )
         self.backend_limits = {
-            "primary": profile_for(
-                self._config.primary_uri, options["primary_profile"]
-            ).limits.narrowed(option_limits),
+            "primary": self.primary_profile.limits.narrowed(option_limits),
             "secondary": self.secondary_profile.limits.narrowed(option_limits),
         }
         # Param keys of each mirror run, by primary run id, for the secondary's per-run cap.
@@ -605,6 +605,10 @@ class DualTrackingStore(AbstractStore):
     # Experiments
 
     def create_experiment(self, name, artifact_location=None, tags=None):
+        from mlflow_azdual.experiment_names import validate_experiment_name
+
+        # Checked before any request, so an invalid name reaches neither backend.
+        name = validate_experiment_name(name, self.primary_profile)
         experiment_id = self.primary.create_experiment(name, artifact_location, tags)
         self.enqueue_secondary("create_experiment", experiment_id=experiment_id)
         return experiment_id
@@ -619,7 +623,13 @@ class DualTrackingStore(AbstractStore):
         return self._dual_experiment(self.primary.get_experiment(experiment_id))
 
     def get_experiment_by_name(self, experiment_name):
-        return self._dual_experiment(self.primary.get_experiment_by_name(experiment_name))
+        from mlflow_azdual.experiment_names import normalise_experiment_name
+
+        # Normalised like a created name, so both find the same experiment. An invalid name is
+        # still looked up, and Databricks is reported to return no experiment for it, so
+        # mlflow.set_experiment goes on to create_experiment, which raises the invalid-name error.
+        name = normalise_experiment_name(experiment_name, self.primary_profile)
+        return self._dual_experiment(self.primary.get_experiment_by_name(name))
 
     def search_experiments(self, *args, **kwargs):
         page = self.primary.search_experiments(*args, **kwargs)
@@ -642,6 +652,9 @@ class DualTrackingStore(AbstractStore):
         self.secondary.restore_experiment(self.mapping.secondary_experiment_id(experiment_id))
 
     def rename_experiment(self, experiment_id, new_name):
+        from mlflow_azdual.experiment_names import validate_experiment_name
+
+        new_name = validate_experiment_name(new_name, self.primary_profile)
         self.primary.rename_experiment(experiment_id, new_name)
         self.enqueue_secondary("rename_experiment", experiment_id=experiment_id, new_name=new_name)
 
