@@ -15,8 +15,9 @@ limits come from public reports, not from the services' own documentation:
   (Azure/azure-sdk-for-python#35685), param values of at most 500 characters (kedro-mlflow
   issue 551), ``mlflow.source.name`` / ``mlflow.source.type`` dropped when passed to create_run
   (Azure/azure-sdk-for-python#45207) and ``mlflow.user`` refused as a tag
-  (mlflow/mlflow-export-import#78), and no logged-model endpoints
-  (Azure/azure-sdk-for-python#44896).
+  (mlflow/mlflow-export-import#78), no logged-model endpoints
+  (Azure/azure-sdk-for-python#44896), and no experiment rename (Microsoft's MLflow support
+  matrix for Azure ML).
 """
 
 import dataclasses
@@ -40,6 +41,8 @@ class BackendProfile:
     dropped_at_create_run: frozenset = frozenset()
     # False: no MLflow 3 logged-model endpoints, so models are kept as run artifacts there.
     logged_models: bool = True
+    # False: experiments cannot be renamed there (no experiments/update endpoint).
+    experiment_rename: bool = True
     # Experiment names: a regular expression that a name must match in full after
     # normalisation (None: any name), the accepted forms shown in the error, and whether names
     # are normalised as workspace paths (experiment_names.normalise_workspace_path).
@@ -64,6 +67,7 @@ PROFILES = {
         refused_tags=frozenset({"mlflow.user"}),
         dropped_at_create_run=frozenset({"mlflow.source.name", "mlflow.source.type"}),
         logged_models=False,
+        experiment_rename=False,
     ),
     "mlflow": BackendProfile("mlflow", BatchLimits()),
 }

@@ -669,6 +669,14 @@ class DualTrackingStore(AbstractStore):
         self.secondary.set_experiment_tag(
             secondary_id, ExperimentTag(PRIMARY_EXPERIMENT_NAME_TAG, new_name)
         )
+        if not self.secondary_profile.experiment_rename:
+            self.mirror.record_unsupported(
+                write.operation,
+                f"the secondary ({self.secondary_profile.name} profile) cannot rename "
+                f"experiments; the mirror keeps its name, and its tag {PRIMARY_EXPERIMENT_NAME_TAG} "
+                "holds the new primary name",
+            )
+            return
         self.secondary.rename_experiment(secondary_id, secondary_experiment_name(new_name, template))
 
     def set_experiment_tag(self, experiment_id, tag):

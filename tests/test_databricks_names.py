@@ -25,7 +25,7 @@ from mlflow_azdual.experiment_names import (
 from mlflow_azdual.id_mapping import PRIMARY_EXPERIMENT_NAME_TAG
 from mlflow_azdual.uri import explicit_tracking_uri
 from rig.policy_proxy import PolicyProxy
-from tests.dual_helpers import backend_clients, dual_tracking_uri, secondary_experiment
+from tests.dual_helpers import backend_clients, secondary_experiment
 
 # The proxy's rule name for invalid experiment names at experiments/create.
 PROXY_NAME_RULE = "experiment_name_pattern"
@@ -112,11 +112,12 @@ def test_other_profiles_keep_any_name(profile, name):
 
 @pytest.fixture
 def databricks_primary(rig, tmp_path):
-    """A Databricks policy proxy in front of the rig's primary, and a dual URI through it."""
-    port = urllib.parse.urlsplit(rig.primary_uri).port
+    """A Databricks policy proxy of this test's own in front of the rig's primary server, and
+    a dual URI through it; its counters see no other test's requests."""
+    port = urllib.parse.urlsplit(rig.primary_server_uri).port
     with PolicyProxy(port, "databricks") as proxy:
         uri = explicit_tracking_uri(
-            proxy.uri, rig.secondary_uri, primary_profile="databricks",
+            proxy.uri, rig.secondary_uri, primary_profile="databricks", secondary_profile="azureml",
             spool_dir=str(tmp_path / "spool"), flush_interval_s=0.2,
         )
         yield proxy, uri
@@ -212,7 +213,10 @@ def test_rename_normalises_new_name(rig, databricks_primary):
     _, uri = databricks_primary
     primary, secondary = backend_clients(rig)
     client = MlflowClient(tracking_uri=uri)
-    experiment_id = client.create_experiment(f"/Shared/{_unique_leaf()}")
+    old_leaf = _unique_leaf()
+    experiment_id = client.create_experiment(f"/Shared/{old_leaf}")
+    # The mirror is created before the rename; created after it, it would take the new name.
+    assert mlflow_azdual.flush(timeout_s=60)
     new_leaf = _unique_leaf()
 
     client.rename_experiment(experiment_id, f"/Workspace/Shared//{new_leaf}/")
@@ -221,12 +225,15 @@ def test_rename_normalises_new_name(rig, databricks_primary):
     assert primary.get_experiment(experiment_id).name == f"/Shared/{new_leaf}"
     mirror = secondary_experiment(secondary, experiment_id)
     assert mirror.tags[PRIMARY_EXPERIMENT_NAME_TAG] == f"/Shared/{new_leaf}"
-    assert mirror.name == new_leaf
+    # The Azure ML stand-in cannot rename experiments, so the mirror keeps its first name.
+    assert mirror.name == old_leaf
 
 
 def test_mlflow_profile_keeps_plain_names(rig):
     primary, _ = backend_clients(rig)
-    client = MlflowClient(tracking_uri=dual_tracking_uri(rig))
+    # The primary server itself, without the Databricks policy, with the default profiles.
+    uri = explicit_tracking_uri(rig.primary_server_uri, rig.secondary_uri)
+    client = MlflowClient(tracking_uri=uri)
     leaf = _unique_leaf()
 
     experiment_id = client.create_experiment(leaf)
