@@ -20,7 +20,8 @@ Control endpoint (GET only, one JSON object per response):
   /throttle?count=K&retry_after_s=S
                respond to the next K requests on a throttled route (runs/log-batch) with 429
                REQUEST_LIMIT_EXCEEDED and `Retry-After: S`, without forwarding them
-  /stats       requests seen and forwarded, rejections per rule, throttling, dropped tags and
+  /stats       requests seen and forwarded, requests per route, the filters of the last
+               1,000 search requests, rejections per rule, throttling, dropped tags and
                hidden experiments
 
 `PolicyProxy` starts this module as a subprocess in its own session and controls it.
@@ -120,6 +121,7 @@ HOP_BY_HOP_HEADERS = frozenset(
     }
 )
 MAX_REQUEST_BODY_BYTES = 256 * 1024 * 1024
+MAX_RECORDED_SEARCH_FILTERS = 1000
 MAX_THROTTLE_COUNT = 1_000_000
 MAX_RETRY_AFTER_S = 86_400
 TARGET_TIMEOUT_S = 300
@@ -338,6 +340,9 @@ class ProxyState:
         self.dropped_tags = collections.Counter()
         self.experiments_hidden = 0
         self.target_failures = 0
+        # Requests per MLflow route, and the filter of each recent search request.
+        self.routes = collections.Counter()
+        self.search_filters = collections.deque(maxlen=MAX_RECORDED_SEARCH_FILTERS)
 
     def take_throttle(self) -> int | None:
         """Consume one pending throttle and return its Retry-After in seconds, or None."""
@@ -358,6 +363,8 @@ class ProxyState:
             "dropped_tags": dict(self.dropped_tags),
             "experiments_hidden": self.experiments_hidden,
             "target_failures": self.target_failures,
+            "routes": dict(self.routes),
+            "search_filters": list(self.search_filters),
         }
 
 
@@ -413,6 +420,12 @@ class PolicyForwarder:
             return await self._forward(request, body)
 
         route = match.group("route")
+        self.state.routes[route] += 1
+        if route.endswith("/search"):
+            search_fields = _request_fields(request, body) or {}
+            self.state.search_filters.append(
+                {"route": route, "filter": str(search_fields.get("filter") or "")}
+            )
         if self.policy.is_throttled_route(route) and not self.policy.is_missing_route(route):
             retry_after_s = self.state.take_throttle()
             if retry_after_s is not None:

@@ -41,7 +41,7 @@ def load_through(uri, model_uri):
 
 def missing_route_rejections(rig):
     stats = rig.policy_control("secondary").stats()
-    return stats.get("rejections", {}).get("missing_routes", 0)
+    return stats["rejected"].get("missing_routes", 0)
 
 
 def test_registered_log_model_loads_on_both(rig, dual, iris_model, tmp_path):
