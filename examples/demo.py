@@ -1,8 +1,8 @@
 """The Azure Databricks + Azure ML workflow, run against the local two-backend rig.
 
 Unchanged MLflow code trains a small scikit-learn model with the tracking URI set to azdual:
-an experiment under /Users/<user>/..., params, 50 epochs of epoch_loss, an artifact, and
-log_model with registered_model_name. It loads the model back through runs:/ and models:/,
+an experiment under /Users/<user>/..., params (one longer than Azure ML takes), 50 epochs of
+epoch_loss, an artifact, and log_model with registered_model_name. It loads the model back through runs:/ and models:/,
 then reads each server with a plain MlflowClient and prints what each backend holds.
 
 Start the rig first (`python -m rig up`); `make demo` does both.
@@ -45,7 +45,8 @@ def train_and_log(experiment_path, model_name):
     from sklearn.model_selection import train_test_split
     from sklearn.preprocessing import StandardScaler
 
-    features, labels = load_breast_cancer(return_X_y=True)
+    dataset = load_breast_cancer()
+    features, labels = dataset.data, dataset.target
     features = StandardScaler().fit_transform(features)
     train_x, test_x, train_y, test_y = train_test_split(
         features, labels, test_size=0.25, random_state=7
@@ -55,6 +56,8 @@ def train_and_log(experiment_path, model_name):
     mlflow.set_experiment(experiment_path)
     with mlflow.start_run(run_name="sgd-breast-cancer") as run:
         mlflow.log_params({**params, "epochs": EPOCHS})
+        # 513 characters: Azure ML takes at most 500, so its copy is truncated and marked.
+        mlflow.log_param("features", ", ".join(dataset.feature_names))
         mlflow.set_tag("dataset", "sklearn.datasets.load_breast_cancer")
         model = SGDClassifier(**params)
         for epoch in range(EPOCHS):
@@ -82,33 +85,55 @@ def train_and_log(experiment_path, model_name):
     return run.info.run_id, model_info
 
 
-def describe_backend(client, run_id, model_name):
-    """Read what one backend holds for a run, with a plain MlflowClient."""
+def metric_history(client, run_id, key):
+    """Return every point of a metric, read in pages of 999: Azure ML takes pages under 1,000,
+    and MlflowClient.get_metric_history asks for 25,000 at once."""
+    store = client._tracking_client.store
+    points, page_token = [], None
+    while True:
+        page = store.get_metric_history(run_id, key, max_results=999, page_token=page_token)
+        points.extend(page)
+        page_token = page.token
+        if not page_token:
+            return points
+
+
+def count_files(artifact_uri):
+    """Count the files under an artifact location, read from storage directly.
+
+    MLflow 3's runs:/ listing also searches logged models, which Azure ML does not have.
+    """
     from mlflow.artifacts import list_artifacts
 
+    total = 0
+    for info in list_artifacts(artifact_uri=artifact_uri):
+        total += count_files(f"{artifact_uri}/{info.path.rsplit('/', 1)[-1]}") if info.is_dir else 1
+    return total
+
+
+def describe_backend(client, run_id, model_name, has_logged_models):
+    """Read what one backend holds for a run, with a plain MlflowClient.
+
+    On the primary the model is an MLflow 3 logged model; Azure ML has no logged-model API, so
+    there the plugin keeps it in the run's artifacts, under model/.
+    """
     from mlflow_azdual.id_mapping import TAG_PREFIX
 
     run = client.get_run(run_id)
     experiment = client.get_experiment(run.info.experiment_id)
-    metric_points = sum(
-        len(client.get_metric_history(run_id, key)) for key in run.data.metrics
-    )
+    metric_points = sum(len(metric_history(client, run_id, key)) for key in run.data.metrics)
 
-    def count_files(list_files, path=None):
-        total = 0
-        for info in list_files(path):
-            total += count_files(list_files, info.path) if info.is_dir else 1
-        return total
-
-    run_files = count_files(lambda path: client.list_artifacts(run_id, path))
-    model_files = 0
-    for model in client.search_logged_models([run.info.experiment_id]):
-        if model.source_run_id == run_id:
-            model_files += count_files(
-                lambda path, root=model.artifact_location: list_artifacts(
-                    artifact_uri=root if path is None else f"{root}/{path}"
-                )
-            )
+    run_root = run.info.artifact_uri
+    run_files = count_files(run_root)
+    if has_logged_models:
+        model_files = sum(
+            count_files(model.artifact_location)
+            for model in client.search_logged_models([run.info.experiment_id])
+            if model.source_run_id == run_id
+        )
+    else:
+        model_files = count_files(f"{run_root}/model")
+        run_files -= model_files
     versions = client.search_model_versions(f"name = '{model_name}' and run_id = '{run_id}'")
     user_tags = {k: v for k, v in run.data.tags.items() if not k.startswith(TAG_PREFIX)}
     return {
@@ -119,13 +144,37 @@ def describe_backend(client, run_id, model_name):
         "params": len(run.data.params),
         "metric keys": len(run.data.metrics),
         "metric points": metric_points,
-        "tags (without azdual.*)": len(user_tags),
+        "tags (without azdual.*, mlflow.user, model history)": len(
+            set(user_tags) - {"mlflow.user", "mlflow.log-model.history"}
+        ),
         "run artifact files": run_files,
-        "logged model files": model_files,
+        "model files": model_files,
         "registered model versions": ", ".join(
             f"{version.name} v{version.version}" for version in versions
         ) or "none",
     }
+
+
+def describe_differences(primary, secondary, run_id, secondary_run_id):
+    """Print what the plugin changed on purpose on the Azure ML side: truncated params, tags
+    Azure ML refuses, and the model history of a model kept as run artifacts."""
+    from mlflow_azdual.tracking_store import TRUNCATED_PARAM_TAG_PREFIX
+
+    primary_run, secondary_run = primary.get_run(run_id), secondary.get_run(secondary_run_id)
+    for tag, original_length in secondary_run.data.tags.items():
+        if tag.startswith(TRUNCATED_PARAM_TAG_PREFIX):
+            key = tag[len(TRUNCATED_PARAM_TAG_PREFIX):]
+            print(
+                f"param {key!r}: {original_length} characters on the primary, "
+                f"{len(secondary_run.data.params[key])} on the secondary, marked by tag {tag}"
+            )
+    if "mlflow.user" in primary_run.data.tags and "mlflow.user" not in secondary_run.data.tags:
+        print("tag 'mlflow.user': on the primary only, because Azure ML refuses it")
+    if "mlflow.log-model.history" in secondary_run.data.tags:
+        print(
+            "tag 'mlflow.log-model.history': on the secondary only, where it lists the model "
+            "kept in the run's artifacts (model/)"
+        )
 
 
 def print_side_by_side(primary, secondary):
@@ -178,9 +227,11 @@ def main(argv=None):
     if secondary_run_id is None:
         raise SystemExit(f"run {run_id} has no mirror on the secondary; see the warnings above")
 
-    primary_view = describe_backend(primary, run_id, arguments.model_name)
-    secondary_view = describe_backend(secondary, secondary_run_id, arguments.model_name)
+    primary_view = describe_backend(primary, run_id, arguments.model_name, True)
+    secondary_view = describe_backend(secondary, secondary_run_id, arguments.model_name, False)
     print_side_by_side(primary_view, secondary_view)
+    print()
+    describe_differences(primary, secondary, run_id, secondary_run_id)
 
     counted = [key for key, value in primary_view.items() if isinstance(value, int)]
     unequal = [key for key in counted if primary_view[key] != secondary_view[key]]

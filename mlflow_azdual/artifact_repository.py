@@ -9,11 +9,13 @@ as ``log_artifact`` returns, and a backend that is down gets them later, from th
 from a replay. The copies are capped at ``spool_max_artifact_bytes``: an upload over the cap
 raises in strict mode and is otherwise recorded as a dead letter with a warning. Other
 secondary failures are retried and logged, and raised only in strict mode; a failed copy is
-only logged. Listing and
-downloads read from the primary and fall back to the secondary when the primary fails.
+only logged. Listing and downloads read from the primary. They fall back to the secondary
+when the primary fails, unless the primary still lists the folder of the requested path:
+then the path is missing, and the primary's error is raised.
 """
 
 import os
+import posixpath
 import shutil
 import tempfile
 import uuid
@@ -158,10 +160,14 @@ class DualArtifactRepository(ArtifactRepository):
         self.primary.log_artifacts(local_dir, artifact_path)
         self._mirror_upload("log_artifacts", local_dir, artifact_path)
 
-    def _read(self, operation, read):
+    def _read(self, operation, read, path=None):
         try:
             return read(self.primary)
         except Exception as primary_error:
+            if path is not None and self._primary_lists_parent(path):
+                # The primary answers but has no such file: a path missing there is missing,
+                # even where the secondary keeps something under it (models as run artifacts).
+                raise
             try:
                 secondary = self.secondary if self._has_secondary() else None
                 if secondary is None:
@@ -180,6 +186,15 @@ class DualArtifactRepository(ArtifactRepository):
             )
             return result
 
+    def _primary_lists_parent(self, path) -> bool:
+        """Return True if the primary lists the folder that contains ``path``."""
+        parent = posixpath.dirname(str(path).rstrip("/")) or None
+        try:
+            self.primary.list_artifacts(parent)
+        except Exception:
+            return False
+        return True
+
     def list_artifacts(self, path=None):
         return self._read("list_artifacts", lambda repository: repository.list_artifacts(path))
 
@@ -187,12 +202,14 @@ class DualArtifactRepository(ArtifactRepository):
         return self._read(
             "download_artifacts",
             lambda repository: repository.download_artifacts(artifact_path, dst_path),
+            artifact_path,
         )
 
     def _download_file(self, remote_file_path, local_path):
         return self._read(
             "download_file",
             lambda repository: repository._download_file(remote_file_path, local_path),
+            remote_file_path,
         )
 
     def delete_artifacts(self, artifact_path=None):

@@ -27,6 +27,9 @@ def command_up(state_dir: Path) -> None:
     rig = Rig(state_dir).start()
     print(f"primary (Databricks stand-in) UI and API: {rig.primary_uri}")
     print(f"secondary (Azure ML stand-in) UI and API: {rig.secondary_uri}")
+    print("  each is an MLflow server behind a policy proxy that emulates the service's "
+          "published limits")
+    print(f"plugin tracking URI: {rig.dual_tracking_uri()}")
     print(f"S3 (moto): {rig.s3_endpoint_url}")
     print(f"logs: {rig.state_dir / 'logs'}")
     quoted_state_dir = shlex.quote(str(state_dir))
@@ -40,6 +43,7 @@ def command_env(state_dir: Path) -> None:
     rig = _attach(state_dir)
     print(f"# primary: {rig.primary_uri}")
     print(f"# secondary: {rig.secondary_uri}")
+    print(f"# plugin tracking URI: {rig.dual_tracking_uri()}")
     for key, value in {**rig.env, "AZDUAL_RIG_STATE": str(rig.state_path)}.items():
         print(f"export {key}={shlex.quote(value)}")
 
@@ -80,8 +84,8 @@ def main(argv: list[str] | None = None) -> None:
         choices=("up", "env", "status", "down", "stop-server", "start-server"),
         help="up: start the rig in the background; env: print shell exports for a client; "
         "status: exit 0 if every server of the rig is running; down: stop the rig that `up` "
-        "started; stop-server / start-server SERVER: stop or restart one MLflow server, to "
-        "try an outage",
+        "started; stop-server / start-server SERVER: stop or restart one MLflow "
+        "server and its policy proxy, to try an outage",
     )
     parser.add_argument(
         "server", nargs="?", choices=("primary", "secondary"),
