@@ -1,4 +1,6 @@
-"""Searches go to the primary; the secondary sees only the plugin's id-mapping lookups.
+"""Searches go to the primary, and the secondary's throttling costs no writes.
+
+The secondary sees only the plugin's id-mapping lookups.
 
 The rig's secondary runs behind a policy proxy that emulates the search restrictions reported
 for Azure ML (no OR, no `!=` or LIKE on tags, no ordering by metrics, params or tags,
@@ -14,7 +16,7 @@ from sklearn.datasets import load_iris
 from sklearn.linear_model import LogisticRegression
 
 import mlflow_azdual
-from tests.dual_helpers import backend_clients, secondary_run_id, unique_path
+from tests.dual_helpers import backend_clients, metric_points, secondary_run_id, unique_path
 
 # Filters of the plugin's lookups on the secondary: one equality on one of its own tags, or on
 # a registered model's name.
@@ -85,3 +87,25 @@ def test_searches_stay_on_primary(rig, dual, iris_model):
     child_mirror = secondary.get_run(secondary_run_id(primary, child.info.run_id))
     parent_mirror_id = secondary_run_id(primary, parent.info.run_id)
     assert child_mirror.data.tags["mlflow.parentRunId"] == parent_mirror_id
+
+
+def test_throttled_secondary_gets_every_point(rig, dual):
+    """The Azure ML stand-in answers log-batch with 429 and Retry-After; nothing is lost."""
+    primary, secondary = backend_clients(rig)
+    control = rig.policy_control("secondary")
+    mlflow.set_experiment(unique_path())
+    with mlflow.start_run() as run:
+        mlflow.log_metric("warmup", 1.0)
+        assert mlflow_azdual.flush(timeout_s=120)
+        throttled_before = control.stats()["throttled"]
+        control.throttle(2, 1)
+        for step in range(300):
+            mlflow.log_metric("loss", 1.0 / (step + 1), step=step)
+    assert mlflow_azdual.flush(timeout_s=120)
+
+    assert control.stats()["throttled"] == throttled_before + 2
+    mirror_id = secondary_run_id(primary, run.info.run_id)
+    assert metric_points(secondary, mirror_id, "loss") == metric_points(
+        primary, run.info.run_id, "loss"
+    )
+    assert len(metric_points(secondary, mirror_id, "loss")) == 300
