@@ -10,8 +10,10 @@ limits come from public reports, not from the services' own documentation:
   ("MetricV2Dto.Value Count Limit=250", mlflow/mlflow#11462), 200 params per run
   (Azure/azure-sdk-for-python#35685), param values of at most 500 characters (kedro-mlflow
   issue 551), ``mlflow.source.name`` / ``mlflow.source.type`` dropped when passed to create_run
-  (Azure/azure-sdk-for-python#45207) and ``mlflow.user`` refused as a tag
-  (mlflow/mlflow-export-import#78).
+  (Azure/azure-sdk-for-python#45207), ``mlflow.user`` refused as a tag
+  (mlflow/mlflow-export-import#78), at most 100 files in one artifact upload batch (the reported
+  error: "Artifact batch size exceeded the limit of 100") and a metric-history page size under
+  1,000 (the reported error: "MaxResults = 25000 is invalid: MaxResults must be less than 1000").
 """
 
 import dataclasses
@@ -33,6 +35,9 @@ class BackendProfile:
     # Tags the backend refuses, and tags it drops when they are passed to create_run.
     refused_tags: frozenset = frozenset()
     dropped_at_create_run: frozenset = frozenset()
+    # Files in one log_artifacts call, and max_results of one metrics/get-history request.
+    max_artifact_files_per_batch: Optional[int] = None
+    max_metric_history_page_size: Optional[int] = None
 
 
 PROFILES = {
@@ -44,6 +49,8 @@ PROFILES = {
         max_param_value_chars=500,
         refused_tags=frozenset({"mlflow.user"}),
         dropped_at_create_run=frozenset({"mlflow.source.name", "mlflow.source.type"}),
+        max_artifact_files_per_batch=100,
+        max_metric_history_page_size=999,
     ),
     "mlflow": BackendProfile("mlflow", BatchLimits()),
 }
