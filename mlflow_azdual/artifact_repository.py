@@ -9,9 +9,11 @@ as ``log_artifact`` returns, and a backend that is down gets them later, from th
 from a replay. The copies are capped at ``spool_max_artifact_bytes``: an upload over the cap
 raises in strict mode and is otherwise recorded as a dead letter with a warning. Other
 secondary failures are retried and logged, and raised only in strict mode; a failed copy is
-only logged. Listing and downloads read from the primary. They fall back to the secondary
-when the primary fails, unless the primary still lists the folder of the requested path:
-then the path is missing, and the primary's error is raised.
+only logged. A directory upload with more files than the secondary's profile takes in one batch
+(``max_artifact_files_per_batch``) is sent to it as several ``log_artifacts`` calls. Listing and
+downloads read from the primary and fall back to the secondary when the primary fails, except
+for a model folder that only the secondary keeps in the run's artifacts (a logged model on the
+primary): there the primary's error is raised, and MLflow reads the logged model instead.
 """
 
 import os
@@ -164,9 +166,10 @@ class DualArtifactRepository(ArtifactRepository):
         try:
             return read(self.primary)
         except Exception as primary_error:
-            if path is not None and self._primary_lists_parent(path):
-                # The primary answers but has no such file: a path missing there is missing,
-                # even where the secondary keeps something under it (models as run artifacts).
+            if path is not None and self._model_only_on_secondary(path):
+                # MLflow 3 looks for a model in the run's folder before its logged model, and
+                # the secondary's copy of the run holds the model that the primary keeps as a
+                # logged model; MLflow then reads the primary's logged model.
                 raise
             try:
                 secondary = self.secondary if self._has_secondary() else None
@@ -186,14 +189,23 @@ class DualArtifactRepository(ArtifactRepository):
             )
             return result
 
-    def _primary_lists_parent(self, path) -> bool:
-        """Return True if the primary lists the folder that contains ``path``."""
-        parent = posixpath.dirname(str(path).rstrip("/")) or None
+    def _model_only_on_secondary(self, path) -> bool:
+        """Return True if the top folder of ``path`` is a model folder on the secondary only.
+
+        That is a model which the secondary keeps as run artifacts because it has no
+        logged-model API. The primary answers for this location but has no such folder.
+        """
+        top = str(path).strip("/").split("/", 1)[0]
+        if not top or not self._has_secondary():
+            return False
         try:
-            self.primary.list_artifacts(parent)
+            on_primary = {posixpath.basename(info.path) for info in self.primary.list_artifacts()}
+            if top in on_primary:
+                return False
+            in_folder = {posixpath.basename(info.path) for info in self.secondary.list_artifacts(top)}
         except Exception:
             return False
-        return True
+        return model_as_run_artifacts.MLMODEL_FILE_NAME in in_folder
 
     def list_artifacts(self, path=None):
         return self._read("list_artifacts", lambda repository: repository.list_artifacts(path))
@@ -253,10 +265,54 @@ def _size_bytes(path) -> int:
     return total
 
 
-def _upload(repository, operation, local_path, artifact_path):
-    if operation == "log_artifacts":
-        return repository.log_artifacts(local_path, artifact_path)
-    return repository.log_artifact(local_path, artifact_path)
+def _upload(repository, operation, local_path, artifact_path, max_files=None):
+    """Upload ``local_path`` with ``operation``, at most ``max_files`` files per call (None: any)."""
+    if operation != "log_artifacts":
+        return repository.log_artifact(local_path, artifact_path)
+    if max_files is not None:
+        files = _relative_files(local_path)
+        if len(files) > max_files:
+            return _upload_in_chunks(repository, local_path, artifact_path, files, max_files)
+    return repository.log_artifacts(local_path, artifact_path)
+
+
+def _relative_files(local_dir):
+    """Return the paths of the files under ``local_dir``, relative to it, sorted."""
+    files = []
+    for folder, _, names in os.walk(local_dir):
+        for name in names:
+            files.append(os.path.relpath(os.path.join(folder, name), local_dir))
+    return sorted(files)
+
+
+def _upload_in_chunks(repository, local_dir, artifact_path, files, max_files):
+    """Send ``files`` of ``local_dir`` as ``log_artifacts`` calls of at most ``max_files`` each.
+
+    Each call uploads a chunk folder that contains hard links (copies where the file system
+    has none) of its files at their relative paths, so every file keeps its artifact path. The
+    chunk folders are made next to ``local_dir`` one at a time and removed, also on failure. A
+    retry sends every chunk again, which overwrites the files already uploaded.
+    """
+    local_dir = os.path.normpath(local_dir)
+    chunk_root = tempfile.mkdtemp(prefix="chunks-", dir=os.path.dirname(local_dir))
+    try:
+        for start in range(0, len(files), max_files):
+            chunk = os.path.join(chunk_root, str(start // max_files))
+            for relative in files[start : start + max_files]:
+                target = os.path.join(chunk, relative)
+                os.makedirs(os.path.dirname(target), exist_ok=True)
+                _link_or_copy(os.path.join(local_dir, relative), target)
+            repository.log_artifacts(chunk, artifact_path)
+            shutil.rmtree(chunk)
+    finally:
+        shutil.rmtree(chunk_root, ignore_errors=True)
+
+
+def _link_or_copy(source, target):
+    try:
+        os.link(source, target)
+    except OSError:
+        shutil.copy2(source, target)
 
 
 def _point_model_at_secondary_run(store, roots, staged, artifact_path):
@@ -315,8 +371,9 @@ def apply_secondary(store, write):
     if not os.path.exists(staged):
         raise LookupError(f"the staged copy {staged} of the upload is missing")
     model_folder = _point_model_at_secondary_run(store, repository.roots, staged, args["artifact_path"])
+    max_files = store.secondary_profile.max_artifact_files_per_batch
     try:
-        _upload(repository.secondary, operation, staged, args["artifact_path"])
+        _upload(repository.secondary, operation, staged, args["artifact_path"], max_files)
     except Exception as error:
         if classify(error).retry:
             raise

@@ -14,10 +14,12 @@ limits come from public reports, not from the services' own documentation:
   ("MetricV2Dto.Value Count Limit=250", mlflow/mlflow#11462), 200 params per run
   (Azure/azure-sdk-for-python#35685), param values of at most 500 characters (kedro-mlflow
   issue 551), ``mlflow.source.name`` / ``mlflow.source.type`` dropped when passed to create_run
-  (Azure/azure-sdk-for-python#45207) and ``mlflow.user`` refused as a tag
-  (mlflow/mlflow-export-import#78), no logged-model endpoints
-  (Azure/azure-sdk-for-python#44896), and no experiment rename (Microsoft's MLflow support
-  matrix for Azure ML).
+  (Azure/azure-sdk-for-python#45207), ``mlflow.user`` refused as a tag
+  (mlflow/mlflow-export-import#78), at most 100 files in one artifact upload batch (the reported
+  error: "Artifact batch size exceeded the limit of 100"), a metric-history page size under
+  1,000 (the reported error: "MaxResults = 25000 is invalid: MaxResults must be less than 1000"),
+  no logged-model endpoints (Azure/azure-sdk-for-python#44896), and no experiment rename
+  (Microsoft's MLflow support matrix for Azure ML).
 """
 
 import dataclasses
@@ -49,6 +51,9 @@ class BackendProfile:
     experiment_name_pattern: Optional[str] = None
     experiment_name_forms: tuple = ()
     normalise_experiment_names: bool = False
+    # Files in one log_artifacts call, and max_results of one metrics/get-history request.
+    max_artifact_files_per_batch: Optional[int] = None
+    max_metric_history_page_size: Optional[int] = None
 
 
 PROFILES = {
@@ -68,6 +73,8 @@ PROFILES = {
         dropped_at_create_run=frozenset({"mlflow.source.name", "mlflow.source.type"}),
         logged_models=False,
         experiment_rename=False,
+        max_artifact_files_per_batch=100,
+        max_metric_history_page_size=999,
     ),
     "mlflow": BackendProfile("mlflow", BatchLimits()),
 }

@@ -3,13 +3,14 @@
 Each backend creates its own ids. The mapping is stored as tags on both sides (the primary
 object carries the secondary id, the secondary object carries the primary id), so any process
 can recover it, and cached in memory. A primary run without a mirror, created before the plugin
-was in use, is copied to the secondary on first lookup (params, tags, metric histories,
-status). Lookups are serialised by one lock, so one process never creates two mirrors.
+was in use, is copied to the secondary on first lookup by the ``copy_run`` function the owner
+passes in (the dual tracking store, which shapes the copy by the secondary's profile). Lookups
+are serialised by one lock, so one process never creates two mirrors.
 """
 
 import dataclasses
 import threading
-from typing import Optional
+from typing import Callable, Optional
 
 from mlflow_azdual.experiment_names import disambiguate, secondary_experiment_name
 from mlflow_azdual.forking import renew_after_fork
@@ -35,11 +36,6 @@ PARENT_RUN_ID_TAG = "mlflow.parentRunId"
 # Seconds after a run's start during which only the creating process makes its mirror.
 MIRROR_CREATION_GRACE_S = 30.0
 
-# MLflow REST limits of one log_batch request.
-_MAX_BATCH_METRICS = 1000
-_MAX_BATCH_PARAMS = 100
-_MAX_BATCH_TAGS = 100
-
 
 @dataclasses.dataclass(frozen=True)
 class SecondaryRun:
@@ -51,12 +47,25 @@ class SecondaryRun:
 
 
 class IdMapping:
-    """Resolves and caches secondary ids for primary experiments, runs and logged models."""
+    """Resolves and caches secondary ids for primary experiments, runs and logged models.
 
-    def __init__(self, primary, secondary, experiment_name_template: str = "{leaf}"):
+    ``copy_run(primary_run, secondary_experiment_id)`` creates the mirror of a primary run that
+    has none, copies the run's data to it and returns its ``SecondaryRun`` with
+    ``backfilled=True``.
+    """
+
+    def __init__(
+        self,
+        primary,
+        secondary,
+        experiment_name_template: str = "{leaf}",
+        *,
+        copy_run: Callable[..., SecondaryRun],
+    ):
         self._primary = primary
         self._secondary = secondary
         self._template = experiment_name_template
+        self._copy_run = copy_run
         self._lock = threading.RLock()
         renew_after_fork(self, "_lock", threading.RLock)
         self._experiments = {}
@@ -297,44 +306,6 @@ class IdMapping:
         self.remember_run(primary_run_id, mirror)
         self._record_run_mapping(primary_run_id, mirror.run_id)
         return mirror
-
-    def _copy_run(self, primary_run, secondary_experiment_id: str) -> SecondaryRun:
-        from mlflow.entities import Metric, Param, RunTag
-
-        info = primary_run.info
-        _logger.info(
-            "mlflow-azdual: primary run %s has no mirror yet; copying it to the secondary",
-            info.run_id,
-        )
-        user_tags = [
-            RunTag(key, value)
-            for key, value in primary_run.data.tags.items()
-            if not key.startswith(TAG_PREFIX)
-        ]
-        created = self._secondary.create_run(
-            secondary_experiment_id,
-            info.user_id,
-            info.start_time,
-            self.translate_run_tags(user_tags) + [RunTag(PRIMARY_RUN_ID_TAG, info.run_id)],
-            info.run_name,
-        )
-        secondary_id = created.info.run_id
-
-        params = [Param(key, value) for key, value in primary_run.data.params.items()]
-        for start in range(0, len(params), _MAX_BATCH_PARAMS):
-            self._secondary.log_batch(secondary_id, [], params[start : start + _MAX_BATCH_PARAMS], [])
-        metrics = []
-        for key in primary_run.data.metrics:
-            for point in self._primary.get_metric_history(info.run_id, key):
-                metrics.append(Metric(point.key, point.value, point.timestamp, point.step))
-        for start in range(0, len(metrics), _MAX_BATCH_METRICS):
-            self._secondary.log_batch(secondary_id, metrics[start : start + _MAX_BATCH_METRICS], [], [])
-
-        if info.status != "RUNNING" or info.end_time:
-            self._secondary.update_run_info(secondary_id, info.status, info.end_time, info.run_name)
-        if info.lifecycle_stage == "deleted":
-            self._secondary.delete_run(secondary_id)
-        return SecondaryRun(secondary_id, created.info.artifact_uri, backfilled=True)
 
     # Logged models (MLflow 3)
 

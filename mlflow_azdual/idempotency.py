@@ -6,6 +6,10 @@ identical metric point sent twice, but other backends may keep both. So before a
 batch is sent, the run is read: a metric point (key, step, timestamp, value) that is already in
 the run's history and a param with the same value are left out. Tags are sent again, because
 setting a tag twice leaves one value.
+
+The history of a key is read in one request or, when the caller gives a page size, in pages of
+that size, following the page tokens. The dual store reads the secondary in pages within its
+profile's ``max_metric_history_page_size``.
 """
 
 import contextlib
@@ -29,14 +33,33 @@ def history_cache():
         _local.cache = None
 
 
-def _present_points(store, run_id, key):
+def read_metric_history(store, run_id, key, page_size=None):
+    """Return every point of ``key`` in the run, read in pages of ``page_size`` points.
+
+    With ``page_size`` None it is one request without ``max_results``, for which MLflow's
+    stores return the whole history.
+    """
+    if page_size is None:
+        return list(store.get_metric_history(run_id, key))
+    points = []
+    page_token = None
+    while True:
+        page = store.get_metric_history(run_id, key, max_results=page_size, page_token=page_token)
+        points.extend(page)
+        # A store that does not page returns a plain list, which has no token.
+        page_token = getattr(page, "token", None)
+        if not page_token:
+            return points
+
+
+def _present_points(store, run_id, key, page_size):
     cache = getattr(_local, "cache", None)
     cache_key = (id(store), run_id, key)
     if cache is not None and cache_key in cache:
         return cache[cache_key]
     points = {
         _point_key(point.key, point.step, point.timestamp, point.value)
-        for point in store.get_metric_history(run_id, key)
+        for point in read_metric_history(store, run_id, key, page_size)
     }
     if cache is not None:
         cache[cache_key] = points
@@ -49,15 +72,19 @@ def _point_key(key, step, timestamp, value):
     return (key, int(step or 0), int(timestamp), "nan" if math.isnan(number) else number)
 
 
-def remove_delivered(store, run_id, metrics, params):
-    """Return ``(metrics, params)`` without the items ``store`` already has for ``run_id``."""
+def remove_delivered(store, run_id, metrics, params, history_page_size=None):
+    """Return ``(metrics, params)`` without the items ``store`` already has for ``run_id``.
+
+    ``history_page_size`` is the ``max_results`` of each metric-history request, or None for
+    one request per key.
+    """
     run = store.get_run(run_id)
     existing_params = run.data.params
     params = [param for param in params if existing_params.get(param.key) != param.value]
     logged_keys = set(run.data.metrics)
     present = set()
     for key in {metric.key for metric in metrics} & logged_keys:
-        present |= _present_points(store, run_id, key)
+        present |= _present_points(store, run_id, key, history_page_size)
     metrics = [
         metric
         for metric in metrics

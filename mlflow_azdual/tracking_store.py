@@ -28,7 +28,7 @@ from mlflow.store.tracking.abstract_store import AbstractStore
 from mlflow_azdual import artifact_uri as dual_uri
 from mlflow_azdual import compat, rest_batch, routing
 from mlflow_azdual import model_as_run_artifacts as run_artifact_models
-from mlflow_azdual.coalesce import Batch, BatchLimits, Write
+from mlflow_azdual.coalesce import Batch, BatchLimits, Write, coalesce
 from mlflow_azdual.forking import renew_after_fork
 from mlflow_azdual.id_mapping import (
     PRIMARY_MODEL_ID_TAG,
@@ -108,6 +108,11 @@ class DualTrackingStore(AbstractStore):
         }
         # Param keys of each mirror run, by primary run id, for the secondary's per-run cap.
         self._secondary_param_keys = {}
+        # max_results of the secondary's metric-history reads: the profile's limit, else the
+        # page size of MlflowClient.get_metric_history.
+        self.secondary_history_page_size = (
+            self.secondary_profile.max_metric_history_page_size or CLIENT_HISTORY_PAGE_SIZE
+        )
         self.policy = RetryPolicy(
             initial_backoff_s=options["retry_initial_backoff_s"],
             max_backoff_s=max(options["retry_max_backoff_s"], options["retry_initial_backoff_s"]),
@@ -180,7 +185,8 @@ class DualTrackingStore(AbstractStore):
             )
             self._primary, self._secondary = primary, secondary
             self._mapping = IdMapping(
-                primary, secondary, self._config.options["experiment_name_template"]
+                primary, secondary, self._config.options["experiment_name_template"],
+                copy_run=self._copy_run,
             )
 
     def get_host_creds(self):
@@ -433,7 +439,9 @@ class DualTrackingStore(AbstractStore):
         metrics = [self._translate_metric(metric) for metric in batch.metrics]
         params = batch.params
         if uncertain:
-            metrics, params = remove_delivered(self.secondary, mirror.run_id, metrics, params)
+            metrics, params = remove_delivered(
+                self.secondary, mirror.run_id, metrics, params, self.secondary_history_page_size
+            )
         params, marker_tags = self._fit_params(batch.run_id, mirror.run_id, params)
         tags = self._without_refused_tags(self.mapping.translate_run_tags(batch.tags))
         tags += marker_tags
@@ -731,6 +739,62 @@ class DualTrackingStore(AbstractStore):
         if again:
             rest_batch.log_batch(self.secondary, mirror.run_id, [], [], again)
         return mirror
+
+    def _copy_run(self, primary_run, secondary_experiment_id) -> SecondaryRun:
+        """Create the mirror of a primary run that has none, with its params, tags and metrics.
+
+        Called by ``IdMapping`` for a run created before the plugin was in use. The copy is
+        shaped as live writes are: refused tags are left out, tags dropped at create_run are set
+        again afterwards, params go through ``_fit_params``, and the requests are split by the
+        secondary's batch limits.
+
+        NOTE: a copy that fails midway leaves a partial mirror, which the next lookup finds by
+        its primary run id tag and uses without copying the rest.
+        """
+        from mlflow.entities import Metric, Param, RunTag
+
+        from mlflow_azdual.id_mapping import PRIMARY_RUN_ID_TAG, TAG_PREFIX
+
+        info = primary_run.info
+        _logger.info(
+            "mlflow-azdual: primary run %s has no mirror yet; copying it to the secondary",
+            info.run_id,
+        )
+        user_tags = [
+            RunTag(key, value)
+            for key, value in primary_run.data.tags.items()
+            if not key.startswith(TAG_PREFIX)
+        ]
+        tags = self._without_refused_tags(self.mapping.translate_run_tags(user_tags))
+        created = self.secondary.create_run(
+            secondary_experiment_id,
+            info.user_id,
+            info.start_time,
+            tags + [RunTag(PRIMARY_RUN_ID_TAG, info.run_id)],
+            info.run_name,
+        )
+        secondary_id = created.info.run_id
+        again = [tag for tag in tags if tag.key in self.secondary_profile.dropped_at_create_run]
+
+        # In key order, so that a run over the per-run cap mirrors its first keys. The new
+        # mirror has no params yet, so _fit_params need not read it.
+        params = [Param(key, primary_run.data.params[key]) for key in sorted(primary_run.data.params)]
+        self._secondary_param_keys[info.run_id] = set()
+        params, marker_tags = self._fit_params(info.run_id, secondary_id, params)
+        metrics = [
+            Metric(point.key, point.value, point.timestamp, point.step)
+            for key in primary_run.data.metrics
+            for point in self.primary.get_metric_history(info.run_id, key)
+        ]
+        backfill = Write(0, info.run_id, metrics, params, again + marker_tags)
+        for batch in coalesce([backfill], self.backend_limits["secondary"]):
+            rest_batch.log_batch(self.secondary, secondary_id, batch.metrics, batch.params, batch.tags)
+
+        if info.status != "RUNNING" or info.end_time:
+            self.secondary.update_run_info(secondary_id, info.status, info.end_time, info.run_name)
+        if info.lifecycle_stage == "deleted":
+            self.secondary.delete_run(secondary_id)
+        return SecondaryRun(secondary_id, created.info.artifact_uri, backfilled=True)
 
     def get_run(self, run_id):
         self.flush_primary(run_id)
@@ -1106,6 +1170,9 @@ class DualTrackingStore(AbstractStore):
 
 
 TRUNCATED_PARAM_TAG_PREFIX = "azdual.truncated_param."
+# GET_METRIC_HISTORY_MAX_RESULTS of MLflow 3.17: the page size MlflowClient.get_metric_history
+# reads with.
+CLIENT_HISTORY_PAGE_SIZE = 25_000
 _REGISTRY_PREFIX = "registry."
 _ARTIFACT_PREFIX = "artifact."
 _live_spools = weakref.WeakSet()

@@ -1,19 +1,32 @@
 """Requests shaped by the secondary's backend profile, against the Azure ML policy proxy.
 
-The proxy (rig/policy_proxy.py) emulates Azure ML's published limit of 250 values of one
-metric key per log_batch request in front of the rig's secondary server.
+The proxy (rig/policy_proxy.py) emulates Azure ML's published limits in front of the rig's
+secondary server: 250 values of one metric key per log_batch request, 200 params per run,
+param values of 500 characters, the refused and dropped run tags, and a metric-history page
+size under 1,000. These are emulations of published limits, not the service. The rig has no
+artifact-batch endpoint, so the limit of 100 files per artifact upload batch is checked by
+counting the files of each call that reaches the secondary's artifact repository.
 """
 
+import os
+import posixpath
+import time
 import urllib.parse
 
+import mlflow
 import pytest
 from mlflow import MlflowClient
 from mlflow.entities import Metric, Param
+from mlflow.store.artifact.azure_blob_artifact_repo import AzureBlobArtifactRepository
 from mlflow.tracking._tracking_service.utils import _get_store
 
 import mlflow_azdual
+from mlflow_azdual import delivery, rest_batch
+from mlflow_azdual.artifact_repository import staging_root
 from mlflow_azdual.backend_profiles import PROFILES, profile_for
+from mlflow_azdual.retry import RateLimitedLogger
 from mlflow_azdual.uri import explicit_tracking_uri
+from rig.latency_proxy import LatencyProxy
 from rig.policy_proxy import PolicyProxy
 from tests.dual_helpers import backend_clients, metric_points, secondary_run_id, unique_path
 
@@ -160,3 +173,230 @@ def test_source_tags_set_again_after_create(rig, tmp_path):
     for key in ("mlflow.source.name", "mlflow.source.type"):
         assert mirror_tags[key] == primary_tags[key]
     assert "mlflow.user" not in mirror_tags
+
+
+@pytest.fixture
+def own_retry_warnings(monkeypatch):
+    """Give the test its own rate limit of retry warnings.
+
+    Retry warnings are rate-limited per backend and operation for the whole process, so the
+    retries this test causes would otherwise silence the warnings later tests expect.
+    """
+    monkeypatch.setattr(delivery, "_rate_limited", RateLimitedLogger(delivery._logger))
+
+
+def _dead_letters(uri):
+    spool = _get_store(uri).spool()
+    spool.commit()
+    return spool.counts()["secondary"]["dead_letters"]
+
+
+# Artifact upload batches
+
+ARTIFACT_FILES = 150
+
+
+def _write_tree(root, count):
+    """Write ``count`` small files in nested folders under ``root`` and return them by path."""
+    files = {}
+    for index in range(count):
+        relative = os.path.join(f"group{index % 3}", f"part{index % 4}", f"file{index:03d}.txt")
+        content = f"file {index}\n".encode() * (index + 1)
+        path = root / relative
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(content)
+        files[relative] = content
+    return files
+
+
+def _read_tree(root):
+    files = {}
+    for folder, _, names in os.walk(root):
+        for name in names:
+            path = os.path.join(folder, name)
+            with open(path, "rb") as file:
+                files[os.path.relpath(path, root)] = file.read()
+    return files
+
+
+def _count_files(local_dir):
+    return sum(len(names) for _, _, names in os.walk(local_dir))
+
+
+@pytest.fixture
+def azureml_artifacts(rig, tmp_path):
+    """Set MLflow's tracking URI to a dual URI with the azureml secondary profile for the test."""
+    previous_tracking_uri = os.environ.get("MLFLOW_TRACKING_URI")
+    uri = explicit_tracking_uri(
+        rig.primary_uri, rig.secondary_uri, secondary_profile="azureml",
+        spool_dir=str(tmp_path / "spool"), flush_interval_s=0.2, retry_initial_backoff_s=0.2,
+    )
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_experiment(unique_path())
+    yield uri
+    while mlflow.active_run():
+        mlflow.end_run()
+    mlflow.set_tracking_uri(previous_tracking_uri)
+
+
+def _assert_both_stores_have(rig, run_id, files, tmp_path):
+    primary, secondary = backend_clients(rig)
+    mirror_id = secondary_run_id(primary, run_id)
+    on_primary = primary.download_artifacts(run_id, "tree", str(tmp_path / "primary"))
+    on_secondary = secondary.download_artifacts(mirror_id, "tree", str(tmp_path / "secondary"))
+    assert _read_tree(on_primary) == files
+    assert _read_tree(on_secondary) == files
+
+
+def test_artifact_upload_split_for_azureml(rig, tmp_path, monkeypatch, azureml_artifacts):
+    files = _write_tree(tmp_path / "tree", ARTIFACT_FILES)
+    # Files of each log_artifacts call that reaches the secondary's Azurite repository. Azurite
+    # accepts any number of files, so this count checks the limit of 100 files per batch, not
+    # a service.
+    files_per_call = []
+    real_log_artifacts = AzureBlobArtifactRepository.log_artifacts
+
+    def counting_log_artifacts(self, local_dir, artifact_path=None):
+        files_per_call.append(_count_files(local_dir))
+        return real_log_artifacts(self, local_dir, artifact_path)
+
+    monkeypatch.setattr(AzureBlobArtifactRepository, "log_artifacts", counting_log_artifacts)
+
+    with mlflow.start_run() as run:
+        mlflow.log_artifacts(str(tmp_path / "tree"), artifact_path="tree")
+    assert mlflow_azdual.flush(timeout_s=120)
+
+    assert files_per_call == [100, 50]
+    _assert_both_stores_have(rig, run.info.run_id, files, tmp_path)
+    assert os.listdir(staging_root(_get_store(azureml_artifacts))) == []
+
+
+def test_artifact_chunk_failure_retried_whole(
+    rig, tmp_path, monkeypatch, azureml_artifacts, own_retry_warnings
+):
+    files = _write_tree(tmp_path / "tree", ARTIFACT_FILES)
+    files_per_call = []
+    real_log_artifacts = AzureBlobArtifactRepository.log_artifacts
+
+    def failing_second_call(self, local_dir, artifact_path=None):
+        files_per_call.append(_count_files(local_dir))
+        if len(files_per_call) == 2:
+            # Uploads one folder of the chunk, then fails as a dropped connection does.
+            folder = sorted(os.listdir(local_dir))[0]
+            real_log_artifacts(
+                self, os.path.join(local_dir, folder), posixpath.join(artifact_path, folder)
+            )
+            raise ConnectionResetError("connection reset during the second chunk (injected)")
+        return real_log_artifacts(self, local_dir, artifact_path)
+
+    monkeypatch.setattr(AzureBlobArtifactRepository, "log_artifacts", failing_second_call)
+
+    with mlflow.start_run() as run:
+        mlflow.log_artifacts(str(tmp_path / "tree"), artifact_path="tree")
+    assert mlflow_azdual.flush(timeout_s=120)
+
+    # The retry sends both chunks again.
+    assert files_per_call == [100, 50, 100, 50]
+    _assert_both_stores_have(rig, run.info.run_id, files, tmp_path)
+    assert os.listdir(staging_root(_get_store(azureml_artifacts))) == []
+
+
+# Metric-history pages
+
+def test_uncertain_retry_pages_history(rig, tmp_path, monkeypatch, own_retry_warnings):
+    primary, secondary = backend_clients(rig)
+    port = urllib.parse.urlsplit(rig.secondary_uri).port
+    with PolicyProxy(port, "azureml") as policy, LatencyProxy(policy.port) as faults:
+        uri = explicit_tracking_uri(
+            rig.primary_uri, faults.uri, secondary_profile="azureml",
+            spool_dir=str(tmp_path / "spool"), flush_interval_s=60, retry_initial_backoff_s=0.2,
+        )
+        client = MlflowClient(tracking_uri=uri)
+        store = _get_store(uri)
+        run_id = client.create_run(client.create_experiment(unique_path())).info.run_id
+        base_ms = int(time.time() * 1000)
+        points = [Metric("loss", step / 1000, base_ms + step, step) for step in range(1400)]
+        for start in range(0, 1200, 400):
+            client.log_batch(run_id, metrics=points[start : start + 400])
+        assert store.flush(timeout_s=120)
+
+        # The proxy forwards a get-history request without max_results, and the server then
+        # returns the whole history, so the page sizes are recorded here.
+        page_sizes = []
+        real_history = store.secondary.get_metric_history
+
+        def recording_history(history_run_id, metric_key, max_results=None, page_token=None):
+            page_sizes.append(max_results)
+            return real_history(
+                history_run_id, metric_key, max_results=max_results, page_token=page_token
+            )
+
+        monkeypatch.setattr(store.secondary, "get_metric_history", recording_history)
+        # The rig's SQL store skips a point identical to one it has, so the points sent show
+        # whether the retry sent any again.
+        points_sent = []
+        real_log_batch = rest_batch.log_batch
+
+        def recording_log_batch(target, batch_run_id, metrics, params, tags):
+            if target is store.secondary:
+                points_sent.extend(metrics)
+            return real_log_batch(target, batch_run_id, metrics, params, tags)
+
+        monkeypatch.setattr(rest_batch, "log_batch", recording_log_batch)
+
+        # The server stores the next log_batch, but the client sees the connection reset, so
+        # the retry first reads the 1,400 points the mirror already has.
+        client.log_batch(run_id, metrics=points[1200:])
+        faults.reset_after_forward(count=1)
+        assert store.flush(timeout_s=120)
+        resets = faults.stats()["faults_applied"]["reset_after_forward"]
+        rejected = policy.stats()["rejected"]
+
+    assert resets == 1
+    assert rejected == {}
+    assert page_sizes == [999, 999]
+    assert len(points_sent) == 200, "points sent to the secondary after the first 1,200"
+    mirror_points = metric_points(secondary, secondary_run_id(primary, run_id), "loss")
+    assert len(mirror_points) == 1400
+    assert mirror_points == metric_points(primary, run_id, "loss")
+
+
+# Runs copied from the primary
+
+def test_copied_run_fits_azureml_limits(rig, tmp_path):
+    primary, secondary = backend_clients(rig)
+    experiment_id = primary.create_experiment(unique_path())
+    tags = {"mlflow.user": "alice", "mlflow.source.name": "train.py", "mlflow.source.type": "LOCAL"}
+    run_id = primary.create_run(experiment_id, tags=tags).info.run_id
+    params = [Param(f"param{index:03d}", str(index)) for index in range(250)]
+    params[7] = Param("param007", "v" * 2000)
+    for start in range(0, 250, 100):
+        primary.log_batch(run_id, params=params[start : start + 100])
+    base_ms = int(time.time() * 1000)
+    primary.log_batch(
+        run_id, metrics=[Metric("loss", step / 1000, base_ms + step, step) for step in range(700)]
+    )
+
+    port = urllib.parse.urlsplit(rig.secondary_uri).port
+    with PolicyProxy(port, "azureml") as proxy:
+        uri = _azureml_uri(rig, proxy, tmp_path)
+        MlflowClient(tracking_uri=uri).log_metric(run_id, "loss", 0.5, base_ms + 700, step=700)
+        assert mlflow_azdual.flush(timeout_s=120)
+        stats = proxy.stats()
+        dead = _dead_letters(uri)
+
+    assert stats["rejected"] == {}
+    # The proxy dropped the source tags at create_run, so the copy set them again.
+    assert stats["dropped_tags"] == {"mlflow.source.name": 1, "mlflow.source.type": 1}
+    mirror = _mirror(rig, run_id)
+    expected_params = {param.key: param.value for param in params[:200]}
+    expected_params["param007"] = "v" * 500
+    assert mirror.data.params == expected_params
+    assert mirror.data.tags["azdual.truncated_param.param007"] == "2000"
+    assert dead == 50
+    assert "mlflow.user" not in mirror.data.tags
+    assert mirror.data.tags["mlflow.source.name"] == "train.py"
+    assert mirror.data.tags["mlflow.source.type"] == "LOCAL"
+    mirror_points = metric_points(secondary, mirror.info.run_id, "loss")
+    assert len(mirror_points) == 701
+    assert mirror_points == metric_points(primary, run_id, "loss")
