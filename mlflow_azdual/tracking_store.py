@@ -263,18 +263,24 @@ class DualTrackingStore(AbstractStore):
         self._raise_primary_errors(run_id)
         return done
 
-    def flush(self, timeout_s=None) -> bool:
+    def flush(self, timeout_s=None, skip_stopped=False) -> bool:
         """Send everything queued for both backends and wait; False if ``timeout_s`` passed.
 
-        Raises MlflowException for metrics the primary rejected and, in strict mode, for
-        secondary writes rejected or given up.
+        A stopped writer sends nothing more, so its flush returns False at once, or counts as
+        done with ``skip_stopped``. Raises MlflowException for metrics the primary rejected
+        and, in strict mode, for secondary writes rejected or given up.
         """
         import time
 
+        def flush_queue(queue, timeout_s):
+            if skip_stopped and queue.stopped:
+                return True
+            return queue.flush(timeout_s=timeout_s)
+
         deadline = None if timeout_s is None else time.monotonic() + timeout_s
-        primary_done = self.primary_queue.flush(timeout_s=timeout_s)
+        primary_done = flush_queue(self.primary_queue, timeout_s)
         remaining = None if deadline is None else max(deadline - time.monotonic(), 0)
-        secondary_done = self.secondary_queue.flush(timeout_s=remaining)
+        secondary_done = flush_queue(self.secondary_queue, remaining)
         self._raise_primary_errors(None)
         if self._config.options["strict"]:
             self._raise_secondary_failures(None, secondary_done)
@@ -1186,8 +1192,9 @@ routing.install_routes(
 def flush(timeout_s=None) -> bool:
     """Send every write queued by this process's dual stores to both backends and wait.
 
-    Returns True when everything was sent, False if ``timeout_s`` passed first. Raises
-    MlflowException if the primary rejected queued metrics.
+    Returns True when everything was sent, False if ``timeout_s`` passed first. A writer that
+    was stopped (at exit) is skipped: what it holds stays in the spool. Raises MlflowException
+    if the primary rejected queued metrics.
     """
     import time
 
@@ -1195,7 +1202,7 @@ def flush(timeout_s=None) -> bool:
     done = True
     for store in list(_stores):
         remaining = None if deadline is None else max(deadline - time.monotonic(), 0)
-        done = store.flush(timeout_s=remaining) and done
+        done = store.flush(timeout_s=remaining, skip_stopped=True) and done
     return done
 
 
