@@ -80,8 +80,11 @@ PROFILES = {
 }
 
 
-def profile_for(uri: str, name: Optional[str] = None) -> BackendProfile:
-    """Return the profile named ``name``, or the one for the scheme of ``uri``.
+def profile_for(
+    uri: str, name: Optional[str] = None, overrides: Optional[dict] = None
+) -> BackendProfile:
+    """Return the profile named ``name``, or the one for the scheme of ``uri``, with the
+    fields in ``overrides`` replaced (see ``parse_overrides``).
 
     Raises ValueError naming ``name`` and the valid names when there is no such profile.
     """
@@ -90,6 +93,69 @@ def profile_for(uri: str, name: Optional[str] = None) -> BackendProfile:
             raise ValueError(
                 f"unknown backend profile {name!r}; valid profiles: {', '.join(sorted(PROFILES))}"
             )
-        return PROFILES[name]
-    scheme = urllib.parse.urlsplit(uri).scheme
-    return PROFILES.get(scheme, PROFILES["mlflow"])
+        profile = PROFILES[name]
+    else:
+        profile = PROFILES.get(urllib.parse.urlsplit(uri).scheme, PROFILES["mlflow"])
+    if not overrides:
+        return profile
+    limit_fields = {field.name for field in dataclasses.fields(BatchLimits)}
+    limits = {key: value for key, value in overrides.items() if key in limit_fields}
+    others = {key: value for key, value in overrides.items() if key not in limit_fields}
+    return dataclasses.replace(
+        profile, limits=dataclasses.replace(profile.limits, **limits), **others
+    )
+
+
+# Fields a user may override, with the type each value must have. None clears an optional
+# limit (no limit).
+_OVERRIDABLE = {
+    **{field.name: int for field in dataclasses.fields(BatchLimits)},
+    "max_params_per_run": int,
+    "max_param_value_chars": int,
+    "max_artifact_files_per_batch": int,
+    "max_metric_history_page_size": int,
+    "refused_tags": frozenset,
+    "dropped_at_create_run": frozenset,
+    "logged_models": bool,
+    "experiment_rename": bool,
+}
+_REQUIRED = {"max_metrics", "max_params", "max_tags", "max_entities"}
+
+
+def parse_overrides(text: str) -> dict:
+    """Parse the ``primary_limits`` / ``secondary_limits`` option: a JSON object of profile
+    fields, such as ``{"max_params_per_run": 400}``.
+
+    Raises ValueError naming the field and the expected type for an unknown field or a value of
+    the wrong type.
+    """
+    import json
+
+    try:
+        fields = json.loads(text)
+    except ValueError as error:
+        raise ValueError(f"expected a JSON object, got {text!r} ({error})") from None
+    if not isinstance(fields, dict):
+        raise ValueError(f"expected a JSON object such as {{\"max_params_per_run\": 400}}, got {text!r}")
+    parsed = {}
+    for key, value in fields.items():
+        kind = _OVERRIDABLE.get(key)
+        if kind is None:
+            raise ValueError(
+                f"unknown profile field {key!r}; valid fields: {', '.join(sorted(_OVERRIDABLE))}"
+            )
+        if value is None and key not in _REQUIRED and kind is int:
+            parsed[key] = None
+        elif kind is int and isinstance(value, int) and not isinstance(value, bool) and value > 0:
+            parsed[key] = value
+        elif kind is bool and isinstance(value, bool):
+            parsed[key] = value
+        elif kind is frozenset and isinstance(value, list) and all(isinstance(v, str) for v in value):
+            parsed[key] = frozenset(value)
+        else:
+            expected = {int: "an integer greater than 0", bool: "true or false",
+                        frozenset: "a list of tag names"}[kind]
+            if kind is int and key not in _REQUIRED:
+                expected += " or null for no limit"
+            raise ValueError(f"profile field {key!r} must be {expected}, got {value!r}")
+    return parsed

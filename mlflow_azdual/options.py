@@ -50,6 +50,12 @@ def _profile_name(text: str) -> str:
     return name
 
 
+def _profile_overrides(text: str) -> dict:
+    from mlflow_azdual.backend_profiles import parse_overrides
+
+    return parse_overrides(text)
+
+
 @dataclasses.dataclass(frozen=True)
 class Option:
     """One setting: its query name, type, default and help text."""
@@ -108,6 +114,25 @@ OPTIONS = (
         None,
         "Backend profile of the secondary, as for primary_profile. azureml splits a batch so "
         "that no request carries more than 250 values of one metric key.",
+    ),
+    Option(
+        "primary_limits",
+        _profile_overrides,
+        None,
+        "JSON object of fields that replace those of the primary's backend profile, for a "
+        'service whose limits changed, such as {"max_params_per_run": 3200}. Fields: the '
+        "request limits (max_metrics, max_params, max_tags, max_entities, "
+        "max_values_per_metric_key), max_params_per_run, max_param_value_chars, "
+        "max_artifact_files_per_batch, max_metric_history_page_size (integers; null for no "
+        "limit), refused_tags, dropped_at_create_run (lists of tag names), logged_models, "
+        "experiment_rename (true or false).",
+    ),
+    Option(
+        "secondary_limits",
+        _profile_overrides,
+        None,
+        "JSON object of fields that replace those of the secondary's backend profile, as for "
+        'primary_limits, such as {"max_params_per_run": 400}.',
     ),
     Option(
         "param_overflow",

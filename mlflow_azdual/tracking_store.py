@@ -98,9 +98,11 @@ class DualTrackingStore(AbstractStore):
             max_tags=options["max_batch_tags"],
         )
         # The primary's profile also sets the rule for experiment names.
-        self.primary_profile = profile_for(self._config.primary_uri, options["primary_profile"])
+        self.primary_profile = profile_for(
+            self._config.primary_uri, options["primary_profile"], options["primary_limits"]
+        )
         self.secondary_profile = profile_for(
-            self._config.secondary_uri, options["secondary_profile"]
+            self._config.secondary_uri, options["secondary_profile"], options["secondary_limits"]
         )
         self.backend_limits = {
             "primary": self.primary_profile.limits.narrowed(option_limits),

@@ -155,6 +155,70 @@ def test_params_over_run_cap_recorded(rig, tmp_path):
     assert mirror.info.status == "FINISHED"
 
 
+def test_raised_param_cap_by_option(rig, tmp_path):
+    """A service that raised its limit: secondary_limits lifts the profile's cap, and the
+    policy proxy, told the same new limit, accepts every param."""
+    import json
+
+    primary, _ = backend_clients(rig)
+    port = urllib.parse.urlsplit(rig.secondary_server_uri).port
+    params = [Param(f"p{index:03d}", str(index)) for index in range(250)]
+    with PolicyProxy(port, "azureml", limits={"max_params_per_run": 300}) as proxy:
+        uri = explicit_tracking_uri(
+            rig.primary_uri, proxy.uri, secondary_profile="azureml",
+            secondary_limits=json.dumps({"max_params_per_run": 300}),
+            spool_dir=str(tmp_path / "spool"), flush_interval_s=0.2,
+        )
+        client = MlflowClient(tracking_uri=uri)
+        run = client.create_run(client.create_experiment(unique_path()))
+        for start in range(0, 250, 100):
+            client.log_batch(run.info.run_id, params=params[start : start + 100])
+        assert _get_store(uri).flush(timeout_s=60)
+        rejected = proxy.stats()["rejected"]
+
+    assert _get_store(uri).secondary_profile.max_params_per_run == 300
+    assert len(_mirror(rig, run.info.run_id).data.params) == 250
+    assert len(primary.get_run(run.info.run_id).data.params) == 250
+    assert rejected == {}
+
+
+@pytest.mark.parametrize(
+    "value, message",
+    [
+        ('{"max_params_per_run": 0}', "'max_params_per_run' must be an integer greater than 0"),
+        ('{"max_param_per_run": 300}', "unknown profile field 'max_param_per_run'"),
+        ('{"max_metrics": null}', "'max_metrics' must be an integer greater than 0, got None"),
+        ('{"logged_models": "no"}', "'logged_models' must be true or false"),
+        ("[300]", "expected a JSON object"),
+    ],
+)
+def test_limits_option_rejects_bad_value(value, message):
+    from mlflow.exceptions import MlflowException
+
+    from mlflow_azdual.uri import parse_tracking_uri
+
+    uri = explicit_tracking_uri("http://127.0.0.1:1", "http://127.0.0.1:2")
+    with pytest.raises(MlflowException) as raised:
+        parse_tracking_uri(uri + "&secondary_limits=" + urllib.parse.quote(value))
+    assert "secondary_limits" in raised.value.message
+    assert message in raised.value.message
+
+
+def test_limits_option_replaces_profile_fields():
+    from mlflow_azdual.backend_profiles import parse_overrides
+
+    overrides = parse_overrides(
+        '{"max_values_per_metric_key": null, "max_params_per_run": 400, "refused_tags": []}'
+    )
+    profile = profile_for("http://127.0.0.1:1", "azureml", overrides)
+
+    assert profile.limits.max_values_per_metric_key is None
+    assert profile.max_params_per_run == 400
+    assert profile.refused_tags == frozenset()
+    assert profile.max_param_value_chars == PROFILES["azureml"].max_param_value_chars
+    assert PROFILES["azureml"].max_params_per_run == 200
+
+
 def test_source_tags_set_again_after_create(rig, tmp_path):
     import mlflow
 
