@@ -87,7 +87,7 @@ def train_and_log(experiment_path, model_name):
 
 def metric_history(client, run_id, key):
     """Return every point of a metric, read in pages of 999: Azure ML takes pages under 1,000,
-    and MlflowClient.get_metric_history asks for 25,000 at once."""
+    and MlflowClient.get_metric_history requests 25,000 at once."""
     store = client._tracking_client.store
     points, page_token = [], None
     while True:

@@ -167,9 +167,10 @@ class DualArtifactRepository(ArtifactRepository):
             return read(self.primary)
         except Exception as primary_error:
             if path is not None and self._model_only_on_secondary(path):
-                # MLflow 3 looks for a model in the run's folder before its logged model, and
-                # the secondary's copy of the run holds the model that the primary keeps as a
-                # logged model; MLflow then reads the primary's logged model.
+                # MLflow 3 looks for a model in the run's folder before its logged model. The
+                # secondary's copy of the run contains the model that the primary keeps as a
+                # logged model, so the secondary is not read here and MLflow goes on to the
+                # primary's logged model.
                 raise
             try:
                 secondary = self.secondary if self._has_secondary() else None
@@ -193,7 +194,7 @@ class DualArtifactRepository(ArtifactRepository):
         """Return True if the top folder of ``path`` is a model folder on the secondary only.
 
         That is a model which the secondary keeps as run artifacts because it has no
-        logged-model API. The primary answers for this location but has no such folder.
+        logged-model API. The primary lists this location but has no such folder.
         """
         top = str(path).strip("/").split("/", 1)[0]
         if not top or not self._has_secondary():

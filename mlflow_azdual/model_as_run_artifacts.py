@@ -24,7 +24,7 @@ MLMODEL_FILE_NAME = "MLmodel"
 
 
 class RunArtifactModel(NamedTuple):
-    """Where a logged model lives on a backend without the logged-model API."""
+    """The run and artifact path of a logged model on a backend without the logged-model API."""
 
     run_id: str
     artifact_path: str

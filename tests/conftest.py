@@ -107,3 +107,13 @@ def dual(rig):
     yield MlflowClient(tracking_uri=uri, registry_uri=uri)
     while mlflow.active_run():
         mlflow.end_run()
+
+
+@pytest.fixture(scope="session")
+def iris_model():
+    """A small fitted scikit-learn classifier and the features it was trained on."""
+    from sklearn.datasets import load_iris
+    from sklearn.linear_model import LogisticRegression
+
+    features, labels = load_iris(return_X_y=True)
+    return LogisticRegression(max_iter=300).fit(features, labels), features

@@ -8,19 +8,11 @@ import mlflow
 import numpy as np
 import pytest
 from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
-from sklearn.datasets import load_iris
-from sklearn.linear_model import LogisticRegression
 
 import mlflow_azdual
 from mlflow_azdual.artifact_uri import is_dual_artifact_uri, resolve
 from mlflow_azdual.registry_store import PRIMARY_VERSION_TAG, SECONDARY_VERSION_TAG
 from tests.dual_helpers import backend_clients, secondary_run_id, unique_path
-
-
-@pytest.fixture(scope="module")
-def iris_model():
-    features, labels = load_iris(return_X_y=True)
-    return LogisticRegression(max_iter=300).fit(features, labels), features
 
 
 def artifact_paths(client, run_id, path=None):

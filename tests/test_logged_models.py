@@ -8,23 +8,14 @@ keeps such a model as artifacts of the secondary run and registers versions from
 
 import mlflow
 import numpy as np
-import pytest
 import yaml
 from mlflow import MlflowClient
-from sklearn.datasets import load_iris
-from sklearn.linear_model import LogisticRegression
 
 import mlflow_azdual
 from mlflow_azdual.id_mapping import SECONDARY_MODEL_ID_TAG
 from mlflow_azdual.registry_store import SECONDARY_VERSION_TAG
 from mlflow_azdual.uri import explicit_tracking_uri
 from tests.dual_helpers import backend_clients, secondary_run_id, unique_path
-
-
-@pytest.fixture(scope="module")
-def iris_model():
-    features, labels = load_iris(return_X_y=True)
-    return LogisticRegression(max_iter=300).fit(features, labels), features
 
 
 def load_through(uri, model_uri):
@@ -113,7 +104,8 @@ def test_model_outputs_and_metrics_stay_on_primary(rig, dual, iris_model):
     assert [output.model_id for output in primary.get_run(run.info.run_id).outputs.model_outputs] == [
         info.model_id
     ]
-    assert not (mirror.outputs and mirror.outputs.model_outputs)
+    mirror_outputs = mirror.outputs.model_outputs if mirror.outputs else []
+    assert mirror_outputs == []
     loaded = mlflow.pyfunc.load_model(f"runs:/{run.info.run_id}/model")
     assert np.array_equal(loaded.predict(features[:3]), model.predict(features[:3]))
 

@@ -1,6 +1,6 @@
 """Searches go to the primary, and the secondary's throttling costs no writes.
 
-The secondary sees only the plugin's id-mapping lookups.
+The plugin sends the secondary only its id-mapping lookups.
 
 The rig's secondary runs behind a policy proxy that emulates the search restrictions reported
 for Azure ML (no OR, no `!=` or LIKE on tags, no ordering by metrics, params or tags,
@@ -11,9 +11,6 @@ proxy records the filter of each search request, so the test can list what reach
 import re
 
 import mlflow
-import pytest
-from sklearn.datasets import load_iris
-from sklearn.linear_model import LogisticRegression
 
 import mlflow_azdual
 from tests.dual_helpers import backend_clients, metric_points, secondary_run_id, unique_path
@@ -35,14 +32,9 @@ def new_search_filters(before: dict, after: dict) -> list:
     return after["search_filters"][len(after["search_filters"]) - count:] if count else []
 
 
-@pytest.fixture(scope="module")
-def iris_model():
-    features, labels = load_iris(return_X_y=True)
-    return LogisticRegression(max_iter=300).fit(features, labels)
-
-
 def test_searches_stay_on_primary(rig, dual, iris_model):
     primary, secondary = backend_clients(rig)
+    model, _ = iris_model
     control = rig.policy_control("secondary")
     before = control.stats()
     name = "search-" + unique_path().split("/")[-2]
@@ -54,7 +46,7 @@ def test_searches_stay_on_primary(rig, dual, iris_model):
         with mlflow.start_run(nested=True) as child:
             mlflow.log_metric("acc", 0.9)
             mlflow.log_param("depth", 3)
-            mlflow.sklearn.log_model(iris_model, name="model", registered_model_name=name)
+            mlflow.sklearn.log_model(model, name="model", registered_model_name=name)
     # A second process that finds an existing mirror looks it up by tag.
     mlflow_azdual.flush(timeout_s=120)
 
@@ -90,7 +82,7 @@ def test_searches_stay_on_primary(rig, dual, iris_model):
 
 
 def test_throttled_secondary_gets_every_point(rig, dual):
-    """The Azure ML stand-in answers log-batch with 429 and Retry-After; nothing is lost."""
+    """The Azure ML stand-in returns 429 with Retry-After for log-batch; nothing is lost."""
     primary, secondary = backend_clients(rig)
     control = rig.policy_control("secondary")
     mlflow.set_experiment(unique_path())
