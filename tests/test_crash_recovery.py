@@ -30,6 +30,7 @@ from mlflow_azdual.id_mapping import (
 )
 from mlflow_azdual.spool import spool_directory, spool_root
 from mlflow_azdual.uri import explicit_tracking_uri
+from rig.servers import PLUGIN_PROFILE_OPTIONS
 from rig.latency_proxy import LatencyProxy
 from tests.dual_helpers import backend_clients, metric_history, unique_path
 
@@ -228,7 +229,7 @@ def test_primary_outage_fails_fast_and_sync_delivers(rig, subprocess_env, tmp_pa
 
     with LatencyProxy(primary_port) as proxy:
         uri = explicit_tracking_uri(
-            proxy.uri, rig.secondary_uri, spool_dir=str(tmp_path / "spool"),
+            proxy.uri, rig.secondary_uri, **PLUGIN_PROFILE_OPTIONS, spool_dir=str(tmp_path / "spool"),
             flush_timeout_s=5, **QUEUED,
         )
         script = textwrap.dedent(f"""

@@ -20,6 +20,7 @@ from mlflow.tracking._tracking_service.utils import _get_store
 
 import mlflow_azdual
 from mlflow_azdual.uri import explicit_tracking_uri
+from rig.servers import PLUGIN_PROFILE_OPTIONS
 from rig.latency_proxy import LatencyProxy
 from tests.dual_helpers import backend_clients, metric_points, secondary_run_id, unique_path
 
@@ -35,6 +36,7 @@ def _uri(rig, tmp_path, secondary_uri=None, **options):
     return explicit_tracking_uri(
         rig.primary_uri,
         secondary_uri or rig.secondary_uri,
+        **PLUGIN_PROFILE_OPTIONS,
         spool_dir=str(tmp_path / "spool"),
         **FAST_RETRY,
         **options,
