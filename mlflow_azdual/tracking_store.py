@@ -19,6 +19,7 @@ Methods that need no translation are generated from the tables in ``routing``.
 
 import atexit
 import copy
+import logging
 import os
 import threading
 import weakref
@@ -39,12 +40,13 @@ from mlflow_azdual.id_mapping import (
 from mlflow_azdual.idempotency import remove_delivered
 from mlflow_azdual.logs import get_logger
 from mlflow_azdual.mirror import Mirror
-from mlflow_azdual.retry import RetryPolicy
+from mlflow_azdual.retry import RateLimitedLogger, RetryPolicy
 from mlflow_azdual.single_attempt import make_single_attempt
 from mlflow_azdual.uri import parse_tracking_uri
 from mlflow_azdual.write_queue import QueueFullError, WriteQueue, next_seq
 
 _logger = get_logger(__name__)
+_check_failures = RateLimitedLogger(_logger)
 
 _stores = weakref.WeakSet()
 _exit_handler_lock = threading.Lock()
@@ -350,7 +352,9 @@ class DualTrackingStore(AbstractStore):
         """Send one queued primary request (a metrics batch); raise on failure."""
         metrics, params = request.metrics, request.params
         if uncertain:
-            metrics, params = remove_delivered(self.primary_writer, request.run_id, metrics, params)
+            metrics, params = self._without_delivered(
+                "primary", self.primary_writer, request.run_id, metrics, params
+            )
             if not (metrics or params or request.tags):
                 return
         rest_batch.log_batch(self.primary_writer, request.run_id, metrics, params, request.tags)
@@ -447,8 +451,9 @@ class DualTrackingStore(AbstractStore):
         metrics = [self._translate_metric(metric) for metric in batch.metrics]
         params = batch.params
         if uncertain:
-            metrics, params = remove_delivered(
-                self.secondary, mirror.run_id, metrics, params, self.secondary_history_page_size
+            metrics, params = self._without_delivered(
+                "secondary", self.secondary, mirror.run_id, metrics, params,
+                self.secondary_history_page_size,
             )
         params, marker_tags = self._fit_params(batch.run_id, mirror.run_id, params)
         tags = self._without_refused_tags(self.mapping.translate_run_tags(batch.tags))
@@ -456,6 +461,28 @@ class DualTrackingStore(AbstractStore):
         if not (metrics or params or tags):
             return None
         return rest_batch.log_batch(self.secondary, mirror.run_id, metrics, params, tags)
+
+    def _without_delivered(self, backend, store, run_id, metrics, params, page_size=None):
+        """Return ``metrics`` and ``params`` without those ``store`` already has for the run.
+
+        A retryable error of the check is raised, so the write is retried. When the backend
+        rejects the check itself (a read it does not take), the write is sent unchecked: it
+        may repeat points the backend has, which MLflow's stores keep once, but loses none.
+        """
+        from mlflow_azdual.retry import classify
+
+        try:
+            return remove_delivered(store, run_id, metrics, params, page_size)
+        except Exception as error:
+            if classify(error).retry:
+                raise
+            _check_failures.log(
+                logging.WARNING, backend,
+                "mlflow-azdual: reading what the %s backend already has for run %s failed, so the "
+                "write is sent without that check and may repeat points it has: %s: %s",
+                backend, run_id, type(error).__name__, str(error).splitlines()[0][:300],
+            )
+            return metrics, params
 
     def _fit_params(self, run_id, secondary_run_id, params):
         """Return the params the secondary's profile allows, and tags marking truncated ones.
@@ -507,14 +534,14 @@ class DualTrackingStore(AbstractStore):
             )
         return kept, markers
 
-    def _without_refused_tags(self, tags):
+    def _without_refused_tags(self, tags, operation="set_tag"):
         refused = self.secondary_profile.refused_tags
         if not refused:
             return list(tags)
         kept = [tag for tag in tags if tag.key not in refused]
         if len(kept) != len(tags):
             self.mirror.record_unsupported(
-                "set_tag", f"the secondary ({self.secondary_profile.name} profile) refuses the "
+                operation, f"the secondary ({self.secondary_profile.name} profile) refuses the "
                 f"tags {', '.join(sorted(refused))}, so they are on the primary only",
             )
         return kept
@@ -737,7 +764,7 @@ class DualTrackingStore(AbstractStore):
     ):
         # A replayed or uncertain create looks for a mirror tagged with the primary id first,
         # so a create applied before a crash or a reset never makes a second run.
-        tags = self._without_refused_tags(tags)
+        tags = self._without_refused_tags(tags, write.operation)
         mirror = self.mapping.create_secondary_run(
             write.run_id, experiment_id, user_id, start_time, tags, run_name,
             look_first=uncertain or write.uncertain,
@@ -773,7 +800,7 @@ class DualTrackingStore(AbstractStore):
             for key, value in primary_run.data.tags.items()
             if not key.startswith(TAG_PREFIX)
         ]
-        tags = self._without_refused_tags(self.mapping.translate_run_tags(user_tags))
+        tags = self._without_refused_tags(self.mapping.translate_run_tags(user_tags), "create_run")
         created = self.secondary.create_run(
             secondary_experiment_id,
             info.user_id,

@@ -193,7 +193,10 @@ def parse_tracking_uri(uri: str, environ: Optional[Mapping[str, str]] = None) ->
             environ,
         )
     except ValueError as error:
-        raise _invalid(f"Invalid azdual tracking URI {redact_uri(uri)!r}: {error}.") from None
+        # The error names its source: a query option of the URI or an environment variable.
+        raise _invalid(
+            f"Invalid azdual configuration for tracking URI {redact_uri(uri)!r}: {error}."
+        ) from None
 
     if parsed.netloc:
         if "primary" in query or "secondary" in query:

@@ -148,3 +148,29 @@ def test_artifact_over_spool_cap(rig, tmp_path, subprocess_env, strict, caplog):
         status = _status(uri, subprocess_env)
         assert status["backends"]["secondary"]["dead_letters"] == 1
         assert status["dead_letters"][0]["operation"] == "artifact.log_artifact"
+
+
+def test_rejected_history_check_sends_unchecked(rig, tmp_path, caplog):
+    """Before re-sending after a rejection, the writer reads what the secondary has. With the
+    mlflow profile it asks for history pages larger than the Azure ML stand-in takes, and that
+    rejected read must not turn the points into dead letters."""
+    caplog.set_level(logging.WARNING, logger="mlflow_azdual")
+    uri = explicit_tracking_uri(
+        rig.primary_uri, rig.secondary_uri, spool_dir=str(tmp_path / "spool"), **FAST_RETRY
+    )
+    primary, secondary = backend_clients(rig)
+    run, mirror_id = _start_run_with_conflicting_param(rig, uri)
+    mlflow.log_param("lr", "0.2")
+    for step in range(1, 50):
+        mlflow.log_metric("loss", 1.0 / step, step=step)
+    mlflow.end_run()
+    assert mlflow_azdual.flush(timeout_s=60)
+
+    assert [point[0] for point in metric_points(secondary, mirror_id, "loss")] == list(range(50))
+    assert secondary.get_run(mirror_id).data.params == {"lr": "0.1"}
+    unchecked = [r.getMessage() for r in caplog.records if "without that check" in r.getMessage()]
+    assert unchecked and run.info.run_id not in unchecked[0]
+    assert mirror_id in unchecked[0]
+    spool = _get_store(uri).spool()
+    spool.commit()
+    assert spool.counts()["secondary"]["dead_letters"] == 1
