@@ -169,7 +169,7 @@ def describe_differences(primary, secondary, run_id, secondary_run_id):
                 f"{len(secondary_run.data.params[key])} on the secondary, marked by tag {tag}"
             )
     if "mlflow.user" in primary_run.data.tags and "mlflow.user" not in secondary_run.data.tags:
-        print("tag 'mlflow.user': on the primary only, because Azure ML refuses it")
+        print("tag 'mlflow.user': on the primary only, because Azure ML rejects it")
     if "mlflow.log-model.history" in secondary_run.data.tags:
         print(
             "tag 'mlflow.log-model.history': on the secondary only, where it lists the model "
