@@ -7,6 +7,9 @@ waiting in the spool, the age of the oldest, the failed attempts and the dead le
 spool files with the process that owns each.
 ``mlflow-azdual sync [URI]`` replays the spool files of ended processes in the foreground with a
 progress bar; exit code 1 when writes are left unsent or a file is unreadable.
+``mlflow-azdual doctor [URI] [--json] [--timeout-s S]`` checks the configuration, the installed
+versions and entry points, one read on each backend and the spool directory, one line per
+check. Its exit code is 1 when a check failed.
 URI defaults to MLFLOW_TRACKING_URI everywhere.
 """
 
@@ -163,6 +166,31 @@ def _sync(uri: str) -> int:
     return 0 if result.complete else 1
 
 
+def _doctor(uri: str, as_json: bool, timeout_s: float) -> int:
+    from mlflow_azdual.doctor import FAILED, run_checks
+
+    results = run_checks(uri, timeout_s=timeout_s)
+    failed = [result for result in results if result.status == FAILED]
+    if as_json:
+        document = {"ok": not failed, "checks": [result.as_dict() for result in results]}
+        print(json.dumps(document, indent=2))
+    else:
+        for result in results:
+            print(result.line())
+        print(f"{len(failed)} of {len(results)} checks failed" if failed else "all checks passed")
+    return 1 if failed else 0
+
+
+def _positive_seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid number of seconds: {text!r}") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"invalid number of seconds: {text!r}, expected a number greater than 0")
+    return value
+
+
 def main(argv=None) -> int:
     """Run the ``mlflow-azdual`` command line and return its exit code."""
     parser = argparse.ArgumentParser(prog="mlflow-azdual", description=__doc__.splitlines()[0])
@@ -180,7 +208,18 @@ def main(argv=None) -> int:
     sync = commands.add_parser(
         "sync", help="send the writes that ended processes left in the spool, in the foreground"
     )
-    for command in (status, sync):
+    doctor = commands.add_parser(
+        "doctor",
+        help="check the configuration, installed versions, entry points, both backends and "
+        "the spool directory",
+    )
+    doctor.add_argument("--json", action="store_true", help="print machine-readable JSON")
+    doctor.add_argument(
+        "--timeout-s", type=_positive_seconds, default=5.0,
+        help="timeout in seconds of each backend request (default: 5). The whole read of one "
+        "store, set-up included, gets twice that",
+    )
+    for command in (status, sync, doctor):
         command.add_argument(
             "uri", nargs="?", default=os.environ.get("MLFLOW_TRACKING_URI"),
             help="azdual tracking URI (default: MLFLOW_TRACKING_URI)",
@@ -199,6 +238,8 @@ def _run(parser, arguments) -> int:
         parser.error("no URI given and MLFLOW_TRACKING_URI is not set")
     if arguments.command == "resolve":
         return _resolve(arguments.uri)
+    if arguments.command == "doctor":
+        return _doctor(arguments.uri, arguments.json, arguments.timeout_s)
     from mlflow.exceptions import MlflowException
 
     try:

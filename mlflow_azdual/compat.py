@@ -96,3 +96,26 @@ def public_methods(cls) -> set:
         for name, value in inspect.getmembers(cls)
         if callable(value) and not name.startswith("_")
     }
+
+
+def registered_store_builders(scheme: str) -> dict:
+    """Return what MLflow's three plugin registries map ``scheme`` to, None where unregistered.
+
+    Keys are the entry-point groups: ``mlflow.tracking_store``, ``mlflow.model_registry_store``
+    and ``mlflow.artifact_repository``. Each registry keeps its schemes in a ``_registry`` dict
+    (read on MLflow 3.17; ``build_registry_store`` above covers the 2.x model registry).
+    """
+    from mlflow.store.artifact import artifact_repository_registry
+    from mlflow.tracking._model_registry import utils as registry_utils
+    from mlflow.tracking._tracking_service.utils import _tracking_store_registry
+
+    if hasattr(registry_utils, "_get_store_registry"):
+        model_registry = registry_utils._get_store_registry()
+    else:  # MLflow 2.x builds the registry at import time.
+        model_registry = registry_utils._model_registry_store_registry
+    artifact_registry = artifact_repository_registry._artifact_repository_registry
+    return {
+        "mlflow.tracking_store": _tracking_store_registry._registry.get(scheme),
+        "mlflow.model_registry_store": model_registry._registry.get(scheme),
+        "mlflow.artifact_repository": artifact_registry._registry.get(scheme),
+    }
