@@ -119,3 +119,26 @@ def registered_store_builders(scheme: str) -> dict:
         "mlflow.model_registry_store": model_registry._registry.get(scheme),
         "mlflow.artifact_repository": artifact_registry._registry.get(scheme),
     }
+
+
+def rest_endpoint(store, api):
+    """Return ``(path, HTTP method)`` of the MLflow REST message ``api`` for a REST store.
+
+    MLflow 3 keeps the tracking table on the store class, with a second table for its v3 APIs;
+    the registry store resolves a message with ``_get_endpoint_from_method``; MLflow 2 keeps the
+    tracking table in the store's module. Raises LookupError when no table names ``api``.
+    """
+    import sys
+
+    table = getattr(store, "_METHOD_TO_INFO", None)
+    if table is not None:
+        if api in getattr(store, "_V3_APIS", ()):
+            return store._V3_METHOD_TO_INFO[api]
+        return table[api]
+    if hasattr(store, "_get_endpoint_from_method"):
+        return store._get_endpoint_from_method(api)
+    for cls in type(store).__mro__:
+        module_table = getattr(sys.modules.get(cls.__module__), "_METHOD_TO_INFO", None)
+        if module_table is not None and api in module_table:
+            return module_table[api]
+    raise LookupError(f"no REST endpoint of {api.__name__} is known for {type(store).__name__}")

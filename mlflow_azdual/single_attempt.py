@@ -13,6 +13,7 @@ changed; a store class with its own (a plugin's) keeps its behaviour.
 
 import json
 
+from mlflow_azdual import compat
 from mlflow_azdual.logs import get_logger
 from mlflow_azdual.retry import BackendHttpError, parse_retry_after_s
 
@@ -46,20 +47,11 @@ def make_single_attempt(store, timeout_s: float):
     return store
 
 
-def _endpoint_of(store, api):
-    if not hasattr(store, "_METHOD_TO_INFO"):
-        # The registry's REST store keeps its table at module level.
-        return store._get_endpoint_from_method(api)
-    v3_apis = getattr(store, "_V3_APIS", ())
-    table = store._V3_METHOD_TO_INFO if api in v3_apis else store._METHOD_TO_INFO
-    return table[api]
-
-
 def _call_once(store, api, json_body, endpoint, response_proto, timeout_s):
     from mlflow.utils.proto_json_utils import parse_dict
     from mlflow.utils.rest_utils import http_request
 
-    default_endpoint, method = _endpoint_of(store, api)
+    default_endpoint, method = compat.rest_endpoint(store, api)
     endpoint = endpoint or default_endpoint
     body = json.loads(json_body) if json_body is not None else None
     arguments = {"params": body} if method == "GET" else {"json": body}
