@@ -124,9 +124,9 @@ def registered_store_builders(scheme: str) -> dict:
 def rest_endpoint(store, api):
     """Return ``(path, HTTP method)`` of the MLflow REST message ``api`` for a REST store.
 
-    MLflow 3 keeps the tracking table on the store class, with a second table for its v3 APIs;
-    the registry store resolves a message with ``_get_endpoint_from_method``; MLflow 2 keeps the
-    tracking table in the store's module. Raises LookupError when no table names ``api``.
+    MLflow 3 keeps the tracking table on the store class, with a second table for its v3 APIs.
+    The registry store resolves a message with ``_get_endpoint_from_method``. MLflow 2 keeps
+    the tracking table in the store's module. Raises LookupError when no table names ``api``.
     """
     import sys
 
