@@ -19,6 +19,7 @@ import os
 import sys
 import time
 
+from mlflow_azdual.doctor import DEFAULT_TIMEOUT_S
 from mlflow_azdual.options import OPTIONS
 
 
@@ -215,8 +216,8 @@ def main(argv=None) -> int:
     )
     doctor.add_argument("--json", action="store_true", help="print machine-readable JSON")
     doctor.add_argument(
-        "--timeout-s", type=_positive_seconds, default=5.0,
-        help="timeout in seconds of each backend request (default: 5). The whole read of one "
+        "--timeout-s", type=_positive_seconds, default=DEFAULT_TIMEOUT_S,
+        help="timeout in seconds of each backend request (default: %(default)s). The whole read of one "
         "store, set-up included, gets twice that",
     )
     for command in (status, sync, doctor):

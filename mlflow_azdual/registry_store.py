@@ -254,10 +254,10 @@ class DualRegistryStore(AbstractStore):
         if model_id and mapping is not None and mapping.secondary_model_id(model_id):
             # The logged model's own location on the secondary, never a models:/ URI, and no
             # model id when the secondary keeps the model as run artifacts.
-            secondary_source, secondary_model_id = tracking.secondary_model_version_source(model_id)
-            as_artifacts = tracking.run_artifact_model(model_id)
-            if as_artifacts is not None:
-                secondary_run_id = as_artifacts.run_id
+            secondary_source, secondary_model_id, model_run_id = (
+                tracking.secondary_model_version_source(model_id)
+            )
+            secondary_run_id = model_run_id or secondary_run_id
         if secondary_source is None:
             secondary_source = self._secondary_source(source, run_id, secondary_run_id)
         if secondary_source is None:

@@ -561,18 +561,20 @@ class DualTrackingStore(AbstractStore):
         return self._model_location(primary_id, secondary_id)
 
     def secondary_model_version_source(self, primary_model_id):
-        """Return the secondary's location of a logged model and its model id, if it has one.
+        """Return ``(location, model id, run id)`` of a logged model's mirror on the secondary.
 
-        The id is None when the secondary keeps the model as run artifacts. Raises LookupError
-        when the model has no mirror.
+        A model kept as run artifacts has no model id there, and its run id is the run that
+        keeps it. A logged-model mirror has no run id here. Raises LookupError when the model
+        has no mirror.
         """
         secondary_id = self.mapping.secondary_model_id(primary_model_id)
         if secondary_id is None:
             raise LookupError(f"logged model {primary_model_id} has no mirror on the secondary")
         location = self._model_location(primary_model_id, secondary_id)
-        if run_artifact_models.parse(secondary_id) is not None:
-            return location, None
-        return location, secondary_id
+        as_artifacts = run_artifact_models.parse(secondary_id)
+        if as_artifacts is not None:
+            return location, None, as_artifacts.run_id
+        return location, secondary_id, None
 
     # Artifact locations
 

@@ -12,6 +12,7 @@ import os
 import signal
 import socket
 import subprocess
+import sys
 import time
 import urllib.error
 import urllib.request
@@ -275,3 +276,34 @@ class ServerProcess:
             self._popen = None
         self.pid = None
         self.start_time = None
+
+
+def mlflow_server_process(
+    name: str,
+    port: int,
+    *,
+    backend_store_uri: str,
+    artifact_root: str,
+    log_path: Path,
+    cwd: Path,
+    extra_env: dict[str, str],
+) -> ServerProcess:
+    """Return a ServerProcess for one `mlflow server` worker on 127.0.0.1 that serves no
+    artifacts (clients write them to storage themselves) and runs no jobs."""
+    return ServerProcess(
+        name,
+        [
+            sys.executable, "-m", "mlflow", "server",
+            "--host", "127.0.0.1",
+            "--port", str(port),
+            "--workers", "1",
+            "--backend-store-uri", backend_store_uri,
+            "--default-artifact-root", artifact_root,
+            "--no-serve-artifacts",
+        ],
+        port=port,
+        health_url=f"http://127.0.0.1:{port}/health",
+        log_path=log_path,
+        cwd=cwd,
+        extra_env={**extra_env, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"},
+    )

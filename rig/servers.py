@@ -24,7 +24,7 @@ from pathlib import Path
 
 from rig.guard import GUARD_PATH
 from rig.policy_proxy import PolicyProxyControl
-from rig.processes import ServerProcess, find_free_ports
+from rig.processes import ServerProcess, find_free_ports, mlflow_server_process
 
 log = logging.getLogger("rig")
 
@@ -141,25 +141,14 @@ class Rig:
             ("secondary", secondary_port, self.secondary_artifact_root),
         ):
             database = self.state_dir / name / "mlflow.db"
-            self.processes[name] = ServerProcess(
+            self.processes[name] = mlflow_server_process(
                 name,
-                [
-                    sys.executable, "-m", "mlflow", "server",
-                    "--host", "127.0.0.1",
-                    "--port", str(port),
-                    "--workers", "1",
-                    "--backend-store-uri", f"sqlite:///{database}",
-                    "--default-artifact-root", artifact_root,
-                    "--no-serve-artifacts",
-                ],
-                port=port,
-                health_url=f"http://127.0.0.1:{port}/health",
+                port,
+                backend_store_uri=f"sqlite:///{database}",
+                artifact_root=artifact_root,
                 log_path=logs / f"{name}.log",
                 cwd=self.state_dir / name,
-                extra_env={
-                    **self._python_server_env(),
-                    "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false",
-                },
+                extra_env=self._python_server_env(),
             )
 
         for name, profile in POLICY_PROFILES.items():

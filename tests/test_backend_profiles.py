@@ -157,7 +157,7 @@ def test_params_over_run_cap_recorded(rig, tmp_path):
 
 def test_raised_param_cap_by_option(rig, tmp_path):
     """A service that raised its limit: secondary_limits lifts the profile's cap, and the
-    policy proxy, told the same new limit, accepts every param."""
+    policy proxy, started with the same new limit, accepts every param."""
     import json
 
     primary, _ = backend_clients(rig)

@@ -113,7 +113,7 @@ def test_other_profiles_keep_any_name(profile, name):
 @pytest.fixture
 def databricks_primary(rig, tmp_path):
     """A Databricks policy proxy of this test's own in front of the rig's primary server, and
-    a dual URI through it; its counters see no other test's requests."""
+    a dual URI through it. Its counters include no other test's requests."""
     port = urllib.parse.urlsplit(rig.primary_server_uri).port
     with PolicyProxy(port, "databricks") as proxy:
         uri = explicit_tracking_uri(

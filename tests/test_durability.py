@@ -15,7 +15,6 @@ Figures of the outage test are printed; run with `-s` to see them.
 
 import collections
 import os
-import sys
 import time
 
 import mlflow
@@ -33,7 +32,7 @@ from mlflow_azdual.id_mapping import (
 from mlflow_azdual.uri import explicit_tracking_uri
 from rig.guard import GUARD_PATH
 from rig.latency_proxy import LatencyProxy
-from rig.processes import ServerProcess, find_free_ports
+from rig.processes import find_free_ports, mlflow_server_process
 from tests.dual_helpers import metric_points, unique_path, user_tags
 
 # Retries that keep the tests fast: the first retry after 0.1 to 0.2 s, none more than 2 s
@@ -54,25 +53,16 @@ def secondary_server(rig, tmp_path_factory):
     """An MLflow server on 127.0.0.1 with a file store, which keeps duplicate metric points."""
     directory = tmp_path_factory.mktemp("file-store-secondary")
     (port,) = find_free_ports(1)
-    server = ServerProcess(
+    server = mlflow_server_process(
         "file-store-secondary",
-        [
-            sys.executable, "-m", "mlflow", "server",
-            "--host", "127.0.0.1",
-            "--port", str(port),
-            "--workers", "1",
-            "--backend-store-uri", (directory / "mlruns").as_uri(),
-            "--default-artifact-root", str(directory / "artifacts"),
-            "--no-serve-artifacts",
-        ],
-        port=port,
-        health_url=f"http://127.0.0.1:{port}/health",
+        port,
+        backend_store_uri=(directory / "mlruns").as_uri(),
+        artifact_root=str(directory / "artifacts"),
         log_path=directory / "server.log",
         cwd=directory,
         extra_env={
             **rig.env,
             "PYTHONPATH": str(GUARD_PATH),
-            "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false",
             # MLflow 3.17 refuses to serve a file store unless this is set.
             "MLFLOW_ALLOW_FILE_STORE": "true",
         },

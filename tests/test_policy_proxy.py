@@ -8,7 +8,6 @@ Reads that check what reached the server go to the server directly.
 """
 
 import json
-import sys
 import time
 import urllib.error
 import urllib.parse
@@ -22,7 +21,7 @@ from mlflow.exceptions import MlflowException
 
 from rig.guard import GUARD_PATH
 from rig.policy_proxy import PolicyProxy
-from rig.processes import ServerProcess, find_free_ports
+from rig.processes import find_free_ports, mlflow_server_process
 
 EMULATION_GIST = "emulation of a published"
 _DIRECT_OPENER = urllib.request.build_opener(urllib.request.ProxyHandler({}))
@@ -32,26 +31,17 @@ _DIRECT_OPENER = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 def server_port(tmp_path_factory):
     directory = tmp_path_factory.mktemp("policy-proxy-server")
     (port,) = find_free_ports(1)
-    server = ServerProcess(
+    server = mlflow_server_process(
         "policy-proxy-target",
-        [
-            sys.executable, "-m", "mlflow", "server",
-            "--host", "127.0.0.1",
-            "--port", str(port),
-            "--workers", "1",
-            "--backend-store-uri", f"sqlite:///{directory / 'mlflow.db'}",
-            "--default-artifact-root", str(directory / "artifacts"),
-            "--no-serve-artifacts",
-        ],
-        port=port,
-        health_url=f"http://127.0.0.1:{port}/health",
+        port,
+        backend_store_uri=f"sqlite:///{directory / 'mlflow.db'}",
+        artifact_root=str(directory / "artifacts"),
         log_path=directory / "server.log",
         cwd=directory,
         extra_env={
             "PYTHONPATH": str(GUARD_PATH),
             "MLFLOW_DISABLE_TELEMETRY": "true",
             "DO_NOT_TRACK": "true",
-            "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false",
         },
     )
     server.start()

@@ -152,7 +152,7 @@ def test_artifact_over_spool_cap(rig, tmp_path, subprocess_env, strict, caplog):
 
 def test_rejected_history_check_sends_unchecked(rig, tmp_path, caplog):
     """Before re-sending after a rejection, the writer reads what the secondary has. With the
-    mlflow profile it asks for history pages larger than the Azure ML stand-in takes, and that
+    mlflow profile it requests history pages larger than the Azure ML stand-in takes, and that
     rejected read must not turn the points into dead letters."""
     caplog.set_level(logging.WARNING, logger="mlflow_azdual")
     uri = explicit_tracking_uri(
