@@ -7,8 +7,8 @@ every error the proxy sends repeats the rule's source and states that it comes f
 emulation. No rule was checked against a live service.
 
 Run it as `python -m rig.policy_proxy --profile azureml|databricks --target-port T
-[--listen-port P] [--control-port C] [--limits JSON]`. Port 0 lets the system pick a free
-port. Once both listeners are bound, the proxy prints one JSON line to stdout,
+[--listen-port P] [--control-port C] [--limits JSON] [--tls-cert-file F --tls-key-file K]
+[--strip-path-prefix REGEX]`. Port 0 lets the system pick a free port. Once both listeners are bound, the proxy prints one JSON line to stdout,
 `{"listen_port": ..., "control_port": ...}`. It stops on SIGTERM or SIGINT.
 
 The proxy reads each request body in full, checks it against the profile, and then forwards
@@ -16,13 +16,20 @@ it to the target, possibly rewritten (tags dropped at runs/create), or responds 
 an MLflow-style JSON error. Requests outside the MLflow REST API (`/api/2.0/mlflow/...`,
 `/ajax-api/2.0/mlflow/...`) pass through unchanged.
 
+The proxy can also stand in for a service's front door, so that the real Databricks and
+Azure ML clients reach it: with `--tls-cert-file` and `--tls-key-file` it serves https;
+with the environment variable RIG_PROXY_BEARER_TOKEN set it answers 401 to a request whose
+`Authorization` header is not `Bearer <that token>`, and never logs the token; with
+`--strip-path-prefix` it removes a leading match of the regular expression from each path
+(Azure ML's `/mlflow/v2.0/subscriptions/.../workspaces/<ws>`) before applying the rules.
+
 Control endpoint (GET only, one JSON object per response):
   /throttle?count=K&retry_after_s=S
                respond to the next K requests on a throttled route (runs/log-batch) with 429
                REQUEST_LIMIT_EXCEEDED and `Retry-After: S`, without forwarding them
   /stats       requests seen and forwarded, requests per route, the filters of the last
                1,000 search requests, rejections per rule, throttling, dropped tags and
-               hidden experiments
+               hidden experiments, unauthenticated requests
 
 `PolicyProxy` starts this module as a subprocess in its own session and controls it.
 """
@@ -35,8 +42,10 @@ import collections
 import json
 import logging
 import os
+import hmac
 import re
 import signal
+import ssl
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -46,6 +55,7 @@ import aiohttp
 from aiohttp import web
 
 from rig.proxy_process import HOST, ControlClient, ProxyProcess
+from rig.tls import CertificateFiles
 
 log = logging.getLogger("rig.policy_proxy")
 
@@ -125,6 +135,8 @@ MAX_RECORDED_SEARCH_FILTERS = 1000
 MAX_THROTTLE_COUNT = 1_000_000
 MAX_RETRY_AFTER_S = 86_400
 TARGET_TIMEOUT_S = 300
+# Environment variable with the bearer token the proxy requires; unset accepts any request.
+BEARER_TOKEN_ENV = "RIG_PROXY_BEARER_TOKEN"
 
 # Single- or double-quoted string literals and backquoted identifiers of an MLflow filter.
 _FILTER_QUOTED = re.compile(r"'(?:[^'\\]|\\.)*'|\"(?:[^\"\\]|\\.)*\"|`[^`]*`")
@@ -343,6 +355,7 @@ class ProxyState:
         # Requests per MLflow route, and the filter of each recent search request.
         self.routes = collections.Counter()
         self.search_filters = collections.deque(maxlen=MAX_RECORDED_SEARCH_FILTERS)
+        self.unauthenticated = 0
 
     def take_throttle(self) -> int | None:
         """Consume one pending throttle and return its Retry-After in seconds, or None."""
@@ -365,6 +378,7 @@ class ProxyState:
             "target_failures": self.target_failures,
             "routes": dict(self.routes),
             "search_filters": list(self.search_filters),
+            "unauthenticated": self.unauthenticated,
         }
 
 
@@ -394,12 +408,24 @@ def _request_fields(request: web.Request, body: bytes) -> dict | None:
     return fields if isinstance(fields, dict) else None
 
 
+class FrontDoor(NamedTuple):
+    """What a service checks and rewrites before a request reaches its MLflow API."""
+
+    # The token a request must carry as `Authorization: Bearer <token>`; None accepts any.
+    bearer_token: str | None = None
+    # A regular expression; a match at the start of the path is removed.
+    strip_path_prefix: re.Pattern | None = None
+
+
 class PolicyForwarder:
     """Accepts MLflow requests on 127.0.0.1, applies the policy and forwards to the target."""
 
-    def __init__(self, policy: Policy, state: ProxyState, target_port: int):
+    def __init__(
+        self, policy: Policy, state: ProxyState, target_port: int, front: FrontDoor = FrontDoor()
+    ):
         self.policy = policy
         self.state = state
+        self.front = front
         self.target = f"http://{HOST}:{target_port}"
         self._session: aiohttp.ClientSession | None = None
 
@@ -414,6 +440,14 @@ class PolicyForwarder:
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
         self.state.requests_total += 1
+        if not self._authenticated(request):
+            self.state.unauthenticated += 1
+            log.info("%s %s rejected: missing or wrong bearer token", request.method, request.path)
+            return _error_response(
+                401, "UNAUTHENTICATED",
+                "rig.policy_proxy: the request did not carry the expected bearer token.",
+            )
+        request = self._without_path_prefix(request)
         body = await request.read()
         match = MLFLOW_PATH.match(request.path)
         if match is None:
@@ -455,6 +489,20 @@ class PolicyForwarder:
         if route == "experiments/search" and response.status == 200:
             response = self._filter_search_response(response)
         return response
+
+    def _authenticated(self, request: web.Request) -> bool:
+        if self.front.bearer_token is None:
+            return True
+        expected = f"Bearer {self.front.bearer_token}".encode()
+        return hmac.compare_digest(request.headers.get("Authorization", "").encode(), expected)
+
+    def _without_path_prefix(self, request: web.Request) -> web.Request:
+        if self.front.strip_path_prefix is None:
+            return request
+        match = self.front.strip_path_prefix.match(request.raw_path)
+        if match is None or match.end() == 0:
+            return request
+        return request.clone(rel_url=request.raw_path[match.end():] or "/")
 
     def _throttled_response(self, request: web.Request, retry_after_s: int) -> web.Response:
         violation = self.policy.violation(
@@ -622,27 +670,35 @@ def _query_int(request: web.Request, name: str) -> int | None:
         return None
 
 
-async def _start_site(app: web.Application, port: int) -> tuple[web.AppRunner, int]:
+async def _start_site(
+    app: web.Application, port: int, ssl_context: ssl.SSLContext | None = None
+) -> tuple[web.AppRunner, int]:
     runner = web.AppRunner(app, access_log=None)
     await runner.setup()
-    site = web.TCPSite(runner, HOST, port)
+    site = web.TCPSite(runner, HOST, port, ssl_context=ssl_context)
     await site.start()
     bound_port = runner.addresses[0][1]
     return runner, bound_port
 
 
 async def run_proxy(
-    profile: str, target_port: int, listen_port: int, control_port: int, overrides: dict
+    profile: str,
+    target_port: int,
+    listen_port: int,
+    control_port: int,
+    overrides: dict,
+    front: FrontDoor = FrontDoor(),
+    ssl_context: ssl.SSLContext | None = None,
 ) -> None:
     """Serve until SIGTERM or SIGINT, after printing the ready line to stdout."""
     policy = Policy(profile, overrides)
     state = ProxyState()
-    forwarder = PolicyForwarder(policy, state, target_port)
+    forwarder = PolicyForwarder(policy, state, target_port, front)
     await forwarder.start()
 
     app = web.Application(client_max_size=MAX_REQUEST_BODY_BYTES)
     app.router.add_route("*", "/{path:.*}", forwarder.handle)
-    proxy_runner, listen_port = await _start_site(app, listen_port)
+    proxy_runner, listen_port = await _start_site(app, listen_port, ssl_context)
     control_runner, control_port = await _start_site(ControlEndpoint(state).build_app(), control_port)
 
     stop = asyncio.Event()
@@ -651,8 +707,9 @@ async def run_proxy(
         loop.add_signal_handler(signum, stop.set)
 
     log.info(
-        "%s policy proxy on %s:%d to port %d, control on port %d (PID %d)",
-        policy.service, HOST, listen_port, target_port, control_port, os.getpid(),
+        "%s policy proxy on %s://%s:%d to port %d, control on port %d (PID %d)",
+        policy.service, "https" if ssl_context else "http", HOST, listen_port, target_port,
+        control_port, os.getpid(),
     )
     print(json.dumps({"listen_port": listen_port, "control_port": control_port}), flush=True)
 
@@ -680,9 +737,17 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--limits", default="{}",
                         help='JSON object of rule values that replace the profile\'s, such as '
                         '\'{"max_params_per_run": 300}\'; null turns a rule off')
+    parser.add_argument("--tls-cert-file",
+                        help="PEM certificate to serve https with (needs --tls-key-file)")
+    parser.add_argument("--tls-key-file", help="PEM private key of --tls-cert-file")
+    parser.add_argument("--strip-path-prefix", type=re.compile,
+                        help="regular expression; a match at the start of a request path is "
+                        "removed before the rules apply")
     parser.add_argument("--log-level", default="INFO",
                         help="logging level of messages on stderr (default INFO)")
     args = parser.parse_args(argv)
+    if bool(args.tls_cert_file) != bool(args.tls_key_file):
+        parser.error("--tls-cert-file and --tls-key-file go together")
     try:
         overrides = json.loads(args.limits)
     except ValueError as error:
@@ -693,8 +758,19 @@ def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(
         level=args.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s"
     )
+    ssl_context = None
+    if args.tls_cert_file:
+        ssl_context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        ssl_context.load_cert_chain(args.tls_cert_file, args.tls_key_file)
+    front = FrontDoor(
+        bearer_token=os.environ.get(BEARER_TOKEN_ENV) or None,
+        strip_path_prefix=args.strip_path_prefix,
+    )
     asyncio.run(
-        run_proxy(args.profile, args.target_port, args.listen_port, args.control_port, overrides)
+        run_proxy(
+            args.profile, args.target_port, args.listen_port, args.control_port, overrides,
+            front, ssl_context,
+        )
     )
 
 
@@ -728,6 +804,9 @@ class PolicyProxy(ProxyProcess):
         profile: str,
         *,
         limits: dict | None = None,
+        tls: CertificateFiles | None = None,
+        bearer_token: str | None = None,
+        strip_path_prefix: str | None = None,
         log_path: str | os.PathLike | None = None,
         startup_timeout_s: float = 10.0,
     ):
@@ -737,6 +816,9 @@ class PolicyProxy(ProxyProcess):
         self.target_port = target_port
         self.profile = profile
         self.limits = dict(limits or {})
+        self.tls = tls
+        self.bearer_token = bearer_token
+        self.strip_path_prefix = strip_path_prefix
         self.port: int | None = None
         self.control: PolicyProxyControl | None = None
 
@@ -744,7 +826,7 @@ class PolicyProxy(ProxyProcess):
     def uri(self) -> str:
         if self.port is None:
             raise RuntimeError("the policy proxy is not running; call start() first")
-        return f"http://{HOST}:{self.port}"
+        return f"{'https' if self.tls else 'http'}://{HOST}:{self.port}"
 
     def throttle(self, count: int, retry_after_s: int) -> dict:
         return self._require_control().throttle(count, retry_after_s)
@@ -758,7 +840,7 @@ class PolicyProxy(ProxyProcess):
         return self.control
 
     def _argv(self) -> list[str]:
-        return [
+        argv = [
             "-m", "rig.policy_proxy",
             "--profile", self.profile,
             "--target-port", str(self.target_port),
@@ -766,6 +848,19 @@ class PolicyProxy(ProxyProcess):
             "--control-port", "0",
             "--limits", json.dumps(self.limits),
         ]
+        if self.tls is not None:
+            argv += ["--tls-cert-file", str(self.tls.certificate),
+                     "--tls-key-file", str(self.tls.key)]
+        if self.strip_path_prefix is not None:
+            argv += ["--strip-path-prefix", self.strip_path_prefix]
+        return argv
+
+    def _environment(self) -> dict[str, str]:
+        environment = {name: value for name, value in os.environ.items()
+                       if name != BEARER_TOKEN_ENV}
+        if self.bearer_token is not None:
+            environment[BEARER_TOKEN_ENV] = self.bearer_token
+        return environment
 
     def _on_ready(self, ready: dict) -> None:
         self.port = ready["listen_port"]

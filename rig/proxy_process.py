@@ -85,6 +85,10 @@ class ProxyProcess:
     def _on_stopped(self) -> None:
         """Forget the ports of the stopped subprocess."""
 
+    def _environment(self) -> dict[str, str] | None:
+        """The subprocess's environment; None inherits this process's."""
+        return None
+
     def start(self):
         """Start the subprocess and wait until both of its listeners are bound."""
         if self._popen is not None and self._popen.poll() is None:
@@ -100,6 +104,7 @@ class ProxyProcess:
             stdin=subprocess.DEVNULL,
             stdout=subprocess.PIPE,
             stderr=self._log_file,
+            env=self._environment(),
             start_new_session=True,
         )
         self.pid = self._popen.pid

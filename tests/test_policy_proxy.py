@@ -8,6 +8,7 @@ Reads that check what reached the server go to the server directly.
 """
 
 import json
+import ssl
 import time
 import urllib.error
 import urllib.parse
@@ -22,6 +23,7 @@ from mlflow.exceptions import MlflowException
 from rig.guard import GUARD_PATH
 from rig.policy_proxy import PolicyProxy
 from rig.processes import find_free_ports, mlflow_server_process
+from rig.tls import write_certificates
 
 EMULATION_GIST = "emulation of a published"
 _DIRECT_OPENER = urllib.request.build_opener(urllib.request.ProxyHandler({}))
@@ -378,3 +380,81 @@ def test_databricks_allows_azureml_limits(databricks, server):
     assert run.data.tags["mlflow.source.name"] == "train.py"
     assert run.data.params["long"] == "x" * 501
     assert len(client.get_metric_history(run_id, "loss")) == 251
+
+
+AZUREML_PREFIX = (
+    r"/mlflow/v2\.0/subscriptions/[^/]+/resourceGroups/[^/]+/providers/"
+    r"Microsoft\.MachineLearningServices/workspaces/[^/]+"
+)
+WORKSPACE_PATH = (
+    "/mlflow/v2.0/subscriptions/00000000-0000-0000-0000-000000000000/resourceGroups/rg/"
+    "providers/Microsoft.MachineLearningServices/workspaces/ws"
+)
+
+
+@pytest.fixture(scope="module")
+def certificates(tmp_path_factory):
+    return write_certificates(tmp_path_factory.mktemp("tls"))
+
+
+@pytest.fixture(scope="module")
+def front_door(server_port, certificates):
+    """An https Azure ML stand-in that wants a bearer token and the workspace path prefix."""
+    with PolicyProxy(
+        server_port,
+        "azureml",
+        tls=certificates,
+        bearer_token="rig-test-token",
+        strip_path_prefix=AZUREML_PREFIX,
+    ) as proxy:
+        yield proxy
+
+
+def _https_get(url: str, authority, token: str | None) -> tuple[int, dict]:
+    context = ssl.create_default_context(cafile=str(authority))
+    opener = urllib.request.build_opener(
+        urllib.request.ProxyHandler({}), urllib.request.HTTPSHandler(context=context)
+    )
+    request = urllib.request.Request(url)
+    if token is not None:
+        request.add_header("Authorization", f"Bearer {token}")
+    try:
+        with opener.open(request, timeout=10) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as error:
+        return error.code, json.loads(error.read())
+
+
+def test_front_door_serves_https_with_workspace_prefix(front_door, certificates, server):
+    name = f"front-{uuid.uuid4().hex}"
+    experiment_id = server.create_experiment(name)
+    query = urllib.parse.urlencode({"experiment_name": name})
+    url = f"{front_door.uri}{WORKSPACE_PATH}/api/2.0/mlflow/experiments/get-by-name?{query}"
+
+    status, payload = _https_get(url, certificates.authority, "rig-test-token")
+
+    assert front_door.uri.startswith("https://127.0.0.1:")
+    assert status == 200
+    assert payload["experiment"]["experiment_id"] == experiment_id
+    assert front_door.stats()["routes"]["experiments/get-by-name"] == 1
+
+
+@pytest.mark.parametrize("token", [None, "wrong-token", "rig-test-token-and-more"])
+def test_front_door_rejects_wrong_bearer_token(front_door, certificates, token):
+    before = front_door.stats()["unauthenticated"]
+    url = f"{front_door.uri}{WORKSPACE_PATH}/api/2.0/mlflow/experiments/search?max_results=1"
+
+    status, payload = _https_get(url, certificates.authority, token)
+
+    assert status == 401
+    assert payload["error_code"] == "UNAUTHENTICATED"
+    assert front_door.stats()["unauthenticated"] == before + 1
+    assert "rig-test-token" not in front_door.log_tail()
+
+
+def test_front_door_certificate_checked_against_authority(front_door, tmp_path):
+    other_authority = write_certificates(tmp_path).authority
+    url = f"{front_door.uri}{WORKSPACE_PATH}/api/2.0/mlflow/experiments/search?max_results=1"
+
+    with pytest.raises(urllib.error.URLError, match="CERTIFICATE_VERIFY_FAILED"):
+        _https_get(url, other_authority, "rig-test-token")
