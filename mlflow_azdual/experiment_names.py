@@ -94,7 +94,7 @@ def secondary_experiment_name(primary_name: str, template: str = "{leaf}") -> st
     path = "-".join(segments) if segments else primary_name
     try:
         name = template.format(leaf=leaf, parent=parent, path=path)
-    except (KeyError, IndexError, ValueError) as error:
+    except (AttributeError, KeyError, IndexError, ValueError) as error:
         raise ValueError(
             f"invalid experiment_name_template {template!r}: {error!r}; use the fields "
             "{leaf}, {parent} and {path}"

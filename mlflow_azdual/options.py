@@ -21,14 +21,20 @@ def _parse_bool(text: str) -> bool:
 
 
 def _positive_float(text: str) -> float:
-    value = float(text)
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
     if not value > 0:
         raise ValueError(f"expected a number greater than 0, got {text!r}")
     return value
 
 
 def _positive_int(text: str) -> int:
-    value = int(text)
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
     if value <= 0:
         raise ValueError(f"expected an integer greater than 0, got {text!r}")
     return value
@@ -48,6 +54,14 @@ def _profile_name(text: str) -> str:
     if name not in PROFILES:
         raise ValueError(f"expected one of {', '.join(sorted(PROFILES))}, got {text!r}")
     return name
+
+
+def _experiment_name_template(text: str) -> str:
+    from mlflow_azdual.experiment_names import secondary_experiment_name
+
+    # Raises ValueError naming the template and the valid fields.
+    secondary_experiment_name("/Users/someone@example.com/project/name", text)
+    return text
 
 
 def _profile_overrides(text: str) -> dict:
@@ -80,7 +94,7 @@ OPTIONS = (
     ),
     Option(
         "experiment_name_template",
-        str,
+        _experiment_name_template,
         "{leaf}",
         "Name of the secondary experiment built from the primary experiment name. Fields: "
         "{leaf} (last path segment), {path} (the whole path, '/' replaced by '-'), {parent} "
