@@ -41,16 +41,18 @@ class Mirror:
             self._record_failure(operation, run_id, error)
             return None
 
-    def record_unsupported(self, operation: str, reason: str) -> None:
-        """Record a write that the plugin does not send to the secondary, logging it once."""
+    def record_unsupported(self, operation: str, reason: str, part: Optional[str] = None) -> None:
+        """Record a write, or the ``part`` of it named, that the plugin does not send to the
+        secondary, logging it once per operation."""
         with self._lock:
             self.unsupported[operation] += 1
             first = self.unsupported[operation] == 1
         if first:
+            subject = f"{part} of {operation}" if part else operation
             _logger.warning(
                 "mlflow-azdual: %s is written to the primary only and not mirrored to the "
                 "secondary %s: %s",
-                operation, self.backend, reason,
+                subject, self.backend, reason,
             )
 
     def _record_failure(self, operation: str, run_id: Optional[str], error: Exception) -> None:

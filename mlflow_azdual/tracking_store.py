@@ -529,7 +529,8 @@ class DualTrackingStore(AbstractStore):
         if rejected:
             _logger.warning(
                 "mlflow-azdual: %d params of run %s are on the primary only and recorded as dead "
-                "letters, because the secondary (%s profile) does not take them; first: %s=%r",
+                "letters, because the secondary (%s profile) does not take them (first: param %r, "
+                "%s). `mlflow-azdual status --dead-letters` lists them.",
                 len(rejected), run_id, profile.name, rejected[0][0].key, rejected[0][1],
             )
         return kept, markers
@@ -540,9 +541,11 @@ class DualTrackingStore(AbstractStore):
             return list(tags)
         kept = [tag for tag in tags if tag.key not in refused]
         if len(kept) != len(tags):
+            left_out = sorted({tag.key for tag in tags if tag.key in refused})
             self.mirror.record_unsupported(
                 operation, f"the secondary ({self.secondary_profile.name} profile) refuses the "
-                f"tags {', '.join(sorted(refused))}, so they are on the primary only",
+                f"tags {', '.join(sorted(refused))}, and the rest of the write is mirrored",
+                part=f"the tag {', '.join(left_out)}",
             )
         return kept
 
