@@ -160,8 +160,8 @@ def _sync(uri: str) -> int:
         )
     for path in result.bad_files:
         print(
-            f"unreadable spool file moved aside: {path}. Its writes cannot be replayed; delete "
-            "the moved file once you have looked at it.",
+            f"unreadable spool file {path} was moved aside to {result.moved_to.get(path)}. Its "
+            "writes cannot be replayed; delete the moved file once you have looked at it.",
             file=sys.stderr,
         )
     return 0 if result.complete else 1
@@ -236,7 +236,10 @@ def main(argv=None) -> int:
 
 def _run(parser, arguments) -> int:
     if not arguments.uri:
-        parser.error("no URI given and MLFLOW_TRACKING_URI is not set")
+        parser.error(
+            "no URI given and MLFLOW_TRACKING_URI is not set: pass the azdual tracking URI as "
+            "the last argument, or set MLFLOW_TRACKING_URI"
+        )
     if arguments.command == "resolve":
         return _resolve(arguments.uri)
     if arguments.command == "doctor":

@@ -45,6 +45,8 @@ class ReplayResult:
     left: Dict[str, int] = dataclasses.field(default_factory=lambda: dict.fromkeys(BACKENDS, 0))
     files: int = 0
     bad_files: List[str] = dataclasses.field(default_factory=list)
+    # The path each bad file was moved aside to, by its original path.
+    moved_to: Dict[str, str] = dataclasses.field(default_factory=dict)
 
     @property
     def complete(self) -> bool:
@@ -66,7 +68,10 @@ def resume_in_background(store, directory: str) -> Optional[threading.Thread]:
         try:
             result = replay_directory(store, directory)
         except Exception:  # noqa: BLE001 - a failed replay must not disturb the user's process.
-            _logger.exception("mlflow-azdual: replaying the spool in %s failed", directory)
+            _logger.exception(
+                "mlflow-azdual: replaying the spool in %s failed; its files stay there for the "
+                "next process or `mlflow-azdual sync`", directory,
+            )
             return
         if result.files:
             _logger.info(
@@ -102,8 +107,13 @@ def replay_directory(
             claimed = ClaimedSpool.claim(path)
         except SpoolFileError as error:
             moved = quarantine(path)
-            _logger.error("mlflow-azdual: %s It was moved aside to %s.", error, moved)
+            _logger.error(
+                "mlflow-azdual: spool file %s %s, so its writes cannot be replayed. It was moved "
+                "aside to %s; delete that file once you have looked at it.",
+                path, error.problem, moved,
+            )
             result.bad_files.append(path)
+            result.moved_to[path] = moved
             continue
         if claimed is not None:
             claimed_files.append(claimed)
