@@ -543,7 +543,7 @@ class DualTrackingStore(AbstractStore):
         if len(kept) != len(tags):
             left_out = sorted({tag.key for tag in tags if tag.key in refused})
             self.mirror.record_unsupported(
-                operation, f"the secondary ({self.secondary_profile.name} profile) refuses the "
+                operation, f"the secondary ({self.secondary_profile.name} profile) rejects the "
                 f"tags {', '.join(sorted(refused))}, and the rest of the write is mirrored",
                 part=f"the tag {', '.join(left_out)}",
             )
