@@ -128,6 +128,14 @@ def test_tracking_uri_helper_rejects_other_schemes():
         ("azdual:?primary=http%3A%2F%2Fa&secondary=http%3A%2F%2Fb&mirror_registry=maybe",
          "invalid value for query option mirror_registry"),
         (f"azdual://h.example{WORKSPACE_PATH}?primary=http%3A%2F%2Fa", "has no host"),
+        ("azdual:?primary=http%3A%2F%2Fa&secondary=http%3A%2F%2Fb&flush_interval_s=abc",
+         "flush_interval_s: expected a number greater than 0, got 'abc'"),
+        ("azdual:?primary=http%3A%2F%2Fa&secondary=http%3A%2F%2Fb&max_batch_tags=1.5",
+         "max_batch_tags: expected an integer greater than 0, got '1.5'"),
+        ("azdual:?primary=http%3A%2F%2Fa&secondary=http%3A%2F%2Fb&experiment_name_template=%7Bfoo%7D",
+         "invalid experiment_name_template '{foo}'"),
+        ("azdual:?primary=http%3A%2F%2Fa&secondary=http%3A%2F%2Fb&experiment_name_template=%7Bleaf.x%7D",
+         "use the fields {leaf}, {parent} and {path}"),
     ],
 )
 def test_malformed_uri_names_the_wrong_part(uri, expected):
