@@ -19,10 +19,7 @@ repository, not through azureml-mlflow's artifact repository and Azure ML's arti
 import base64
 import json
 import os
-import re
 import secrets
-import subprocess
-import sys
 import time
 import uuid
 from pathlib import Path
@@ -41,7 +38,6 @@ from mlflow import MlflowClient  # noqa: E402
 import mlflow_azdual  # noqa: E402
 from mlflow_azdual.id_mapping import SECONDARY_RUN_ID_TAG  # noqa: E402
 from mlflow_azdual.uri import explicit_tracking_uri, parse_tracking_uri, tracking_uri  # noqa: E402
-from rig.guard import GUARD_PATH  # noqa: E402
 from rig.guard import loopback_guard  # noqa: E402
 from rig.policy_proxy import PolicyProxy  # noqa: E402
 from rig.tls import write_certificates  # noqa: E402
@@ -313,3 +309,55 @@ def test_registered_version_through_azureml_registry(dual_uri, front_door, secon
     assert versions[0].source.startswith("wasbs://")
     assert (loaded.predict(features[:5]) == model.predict(features[:5])).all()
     assert "model-versions/create" in registry_routes
+
+
+# Azure ML job credentials
+
+
+@pytest.fixture
+def job_front_door(rig, certificates, azure_token, azure_env):
+    """A front door of its own, so azureml-mlflow builds a new (job) service context for it."""
+    door = FrontDoor(rig, certificates, azure_token).start()
+    yield door
+    door.stop()
+
+
+@pytest.fixture
+def job_env(monkeypatch, rig, job_front_door, secondary_server, azure_token):
+    """Set the variables an Azure ML job sets for MLflow; return the job's (run id, token).
+
+    The job's token is the only credential: the Azure CLI stand-in has none.
+    """
+    experiment_id = secondary_server.create_experiment(f"job-{uuid.uuid4().hex[:10]}")
+    run_id = secondary_server.create_run(experiment_id).info.run_id
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", job_front_door.uri)
+    monkeypatch.setenv("MLFLOW_TRACKING_TOKEN", azure_token)
+    monkeypatch.setenv("MLFLOW_RUN_ID", run_id)
+    monkeypatch.setenv("MLFLOW_EXPERIMENT_ID", experiment_id)
+    monkeypatch.delenv("RIG_AZ_ACCESS_TOKEN")
+    return run_id, azure_token
+
+
+def test_job_token_not_sent_to_http_primary(rig, job_front_door, job_env):
+    from mlflow.tracking._model_registry.utils import _get_store as get_registry_store
+
+    _, job_token = job_env
+    # A primary that accepts only the job's token: any request it lets through carried it.
+    primary_port = int(rig.primary_server_uri.rsplit(":", 1)[1])
+    with PolicyProxy(primary_port, "databricks", bearer_token=job_token) as primary:
+        uri = explicit_tracking_uri(primary.uri, job_front_door.uri, primary_profile="databricks")
+        store = dual_store(uri)
+        with pytest.raises(Exception, match="UNAUTHENTICATED|401"):
+            store.search_experiments(max_results=1)
+        tokens = {
+            "primary": store.primary.get_host_creds().token,
+            "primary writer": store.primary_writer.get_host_creds().token,
+            "primary registry": get_registry_store(uri).primary.get_host_creds().token,
+            "dual store": store.get_host_creds().token,
+        }
+        secondary_token = store.secondary.get_host_creds().token
+        rejected = primary.stats()["unauthenticated"]
+
+    assert tokens == dict.fromkeys(tokens)
+    assert secondary_token == job_token
+    assert rejected >= 1
