@@ -38,6 +38,7 @@ from mlflow import MlflowClient  # noqa: E402
 import mlflow_azdual  # noqa: E402
 from mlflow_azdual.id_mapping import SECONDARY_RUN_ID_TAG  # noqa: E402
 from mlflow_azdual.uri import explicit_tracking_uri, parse_tracking_uri, tracking_uri  # noqa: E402
+from rig.guard import GUARD_PATH  # noqa: E402
 from rig.guard import loopback_guard  # noqa: E402
 from rig.policy_proxy import PolicyProxy  # noqa: E402
 from rig.tls import write_certificates  # noqa: E402
@@ -361,3 +362,51 @@ def test_job_token_not_sent_to_http_primary(rig, job_front_door, job_env):
     assert tokens == dict.fromkeys(tokens)
     assert secondary_token == job_token
     assert rejected >= 1
+
+
+def test_job_run_id_resumed_on_primary_fails(rig, job_front_door, job_env):
+    # MLflow's start_run resumes MLFLOW_RUN_ID, here an Azure ML run, and the dual store reads
+    # runs from the primary, which has no such run.
+    job_run_id, _ = job_env
+    mlflow.set_tracking_uri(explicit_tracking_uri(
+        rig.primary_uri, job_front_door.uri, primary_profile="databricks"
+    ))
+
+    with pytest.raises(mlflow.exceptions.MlflowException, match=job_run_id):
+        mlflow.start_run()
+
+    assert mlflow.active_run() is None
+
+
+# mlflow-azdual doctor
+
+
+def run_doctor(uri: str, env: dict):
+    import subprocess
+    import sys
+
+    cli = Path(sys.executable).with_name("mlflow-azdual")
+    python_path = os.pathsep.join([str(GUARD_PATH), env.get("PYTHONPATH", "")])
+    return subprocess.run(
+        [str(cli), "doctor", uri, "--timeout-s", "10"],
+        env={**env, "PYTHONPATH": python_path}, capture_output=True, text=True, timeout=180,
+    )
+
+
+def test_doctor_passes_and_fails_with_front_stopped(rig, certificates, azure_token, azure_env):
+    door = FrontDoor(rig, certificates, azure_token).start()
+    uri = explicit_tracking_uri(rig.primary_uri, door.uri, primary_profile="databricks")
+    try:
+        healthy = run_doctor(uri, dict(os.environ))
+    finally:
+        door.stop()
+    stopped = run_doctor(uri, dict(os.environ))
+
+    assert healthy.returncode == 0, healthy.stdout + healthy.stderr
+    assert "ok       azureml-mlflow: 1.62.0.post6 (declares mlflow-skinny<=3.15.0)" in healthy.stdout
+    assert "ok       secondary tracking read" in healthy.stdout
+    assert "ok       secondary registry read" in healthy.stdout
+    assert stopped.returncode == 1
+    assert "FAILED   secondary tracking read" in stopped.stdout
+    assert "loopback guard rejected" not in healthy.stderr + stopped.stderr
+    assert azure_token not in healthy.stdout + healthy.stderr + stopped.stdout + stopped.stderr
