@@ -18,6 +18,7 @@ from mlflow.store.model_registry.abstract_store import AbstractStore
 
 from mlflow_azdual import artifact_uri as dual_uri
 from mlflow_azdual import compat, routing
+from mlflow_azdual.job_credentials import tracking_token_belongs_to_secondary, without_tracking_token
 from mlflow_azdual.logs import get_logger
 from mlflow_azdual.mirror import Mirror
 from mlflow_azdual.single_attempt import make_single_attempt
@@ -69,9 +70,12 @@ class DualRegistryStore(AbstractStore):
                 compat.build_registry_store(config.secondary_registry_uri, config.secondary_uri),
                 config.options["retry_attempt_timeout_s"],
             )
-            self._primary = compat.build_registry_store(
-                config.primary_registry_uri, config.primary_uri
-            )
+            primary = compat.build_registry_store(config.primary_registry_uri, config.primary_uri)
+            if tracking_token_belongs_to_secondary(
+                config.primary_registry_uri, config.secondary_registry_uri
+            ):
+                primary = without_tracking_token(primary)
+            self._primary = primary
 
     @property
     def tracking(self):

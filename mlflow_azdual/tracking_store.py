@@ -38,6 +38,10 @@ from mlflow_azdual.id_mapping import (
     SecondaryRun,
 )
 from mlflow_azdual.idempotency import remove_delivered
+from mlflow_azdual.job_credentials import (
+    tracking_token_belongs_to_secondary,
+    without_tracking_token,
+)
 from mlflow_azdual.logs import get_logger
 from mlflow_azdual.mirror import Mirror
 from mlflow_azdual.retry import RateLimitedLogger, RetryPolicy
@@ -180,10 +184,8 @@ class DualTrackingStore(AbstractStore):
             if self._mapping is not None:
                 return
             timeout_s = self.policy.attempt_timeout_s
-            primary = compat.build_tracking_store(self._config.primary_uri)
-            self._primary_writer = make_single_attempt(
-                compat.build_tracking_store(self._config.primary_uri), timeout_s
-            )
+            primary = self._build_primary_store()
+            self._primary_writer = make_single_attempt(self._build_primary_store(), timeout_s)
             secondary = make_single_attempt(
                 compat.build_tracking_store(self._config.secondary_uri), timeout_s
             )
@@ -192,6 +194,12 @@ class DualTrackingStore(AbstractStore):
                 primary, secondary, self._config.options["experiment_name_template"],
                 copy_run=self._copy_run,
             )
+
+    def _build_primary_store(self):
+        store = compat.build_tracking_store(self._config.primary_uri)
+        if tracking_token_belongs_to_secondary(self._config.primary_uri, self._config.secondary_uri):
+            store = without_tracking_token(store)
+        return store
 
     def get_host_creds(self):
         """Return the primary's host credentials (MLflow uses them for links and tracing)."""
