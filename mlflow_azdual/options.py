@@ -199,6 +199,15 @@ OPTIONS = (
         "left is reported with counts.",
     ),
     Option(
+        "spark_task_write_through",
+        _parse_bool,
+        True,
+        "In a PySpark task (pyspark.TaskContext.get() is set), make each write return only once "
+        "both backends have it, or the spool when a backend is failing, because a Spark Python "
+        "worker can end without running exit handlers. Off: writes are buffered as elsewhere; "
+        "call mlflow_azdual.flush() before the task function returns.",
+    ),
+    Option(
         "flush_timeout_s",
         _positive_float,
         120.0,

@@ -11,8 +11,9 @@ strict mode, at the next flush or end_run.
 
 Order: a run's queued metrics reach the primary before any synchronous primary write to that
 run (so a run is never FINISHED before its metrics) and before any read of it
-(read-your-writes). Reads go to the primary only. Artifact locations are returned as dual
-artifact URIs, so artifacts logged through MLflow reach both backends.
+(read-your-writes). In a PySpark task each write returns only once both backends have it
+(option ``spark_task_write_through``). Reads go to the primary only. Artifact locations are
+returned as dual artifact URIs, so artifacts logged through MLflow reach both backends.
 
 Methods that need no translation are generated from the tables in ``routing``.
 """
@@ -46,6 +47,7 @@ from mlflow_azdual.logs import get_logger
 from mlflow_azdual.mirror import Mirror
 from mlflow_azdual.retry import RateLimitedLogger, RetryPolicy
 from mlflow_azdual.single_attempt import make_single_attempt
+from mlflow_azdual.spark_tasks import in_spark_task
 from mlflow_azdual.uri import parse_tracking_uri
 from mlflow_azdual.write_queue import QueueFullError, WriteQueue, next_seq
 
@@ -262,6 +264,33 @@ class DualTrackingStore(AbstractStore):
             from mlflow.exceptions import MlflowException
 
             raise MlflowException(f"mlflow-azdual: {error}") from None
+        self._write_through_in_spark_task(write.run_id)
+
+    def _write_through_in_spark_task(self, run_id):
+        """In a PySpark task, wait until both backends have every write queued so far.
+
+        A Spark Python worker can end right after its task without running exit handlers, so
+        a write left in memory there would wait in the spool for a later process. A backend
+        that is failing is not waited for, and one that has not acknowledged the writes within
+        ``flush_timeout_s`` is waited for no longer. Their writes are committed to the spool
+        instead. Raises MlflowException for metrics of ``run_id`` that the primary rejected,
+        as a synchronous write would.
+        """
+        if not self._config.options["spark_task_write_through"] or not in_spark_task():
+            return
+        queues = (self.primary_queue, self.secondary_queue)
+        if any(queue.is_worker_thread() for queue in queues):
+            return  # A writer queueing a follow-up write must not wait for itself.
+
+        timeout_s = self._config.options["flush_timeout_s"]
+        delivered = True
+        for queue in queues:
+            failing = queue.retrying or queue.stalled_since_s is not None
+            if failing or not queue.flush(timeout_s=timeout_s):
+                delivered = False
+        if not delivered and self._config.options["spool"]:
+            self.spool().commit()
+        self._raise_primary_errors(run_id)
 
     def flush_primary(self, run_id=None, timeout_s=None) -> bool:
         """Send the queued primary writes (of ``run_id`` only, if given) and wait for them.
@@ -955,6 +984,7 @@ class DualTrackingStore(AbstractStore):
             if metrics:
                 self.primary_queue.submit(Write(write.seq, run_id, metrics), wait_for_room=False)
         self.secondary_queue.submit(write, wait_for_room=False)
+        self._write_through_in_spark_task(run_id)
 
     def _reserve(self, queue, size):
         try:

@@ -253,6 +253,10 @@ class WriteQueue:
         """Entities queued in memory or being sent, plus writes spilled to the spool."""
         return self._used_points() + self._spilled_writes
 
+    def is_worker_thread(self) -> bool:
+        """Return True when called from this queue's worker thread."""
+        return self._thread is threading.current_thread()
+
     @property
     def stopped(self) -> bool:
         """True once ``stop`` was called."""
