@@ -70,7 +70,7 @@ TRACKING_INHERITED = frozenset(
 REGISTRY_READS = frozenset(
     """
     get_latest_versions get_model_version get_model_version_by_alias
-    get_model_version_download_uri get_registered_model search_model_versions
+    get_registered_model search_model_versions
     search_registered_models get_prompt get_prompt_version get_prompt_version_by_alias
     search_prompt_versions search_prompts get_webhook list_webhooks list_webhooks_by_event
     test_webhook
