@@ -3,13 +3,14 @@
 Each ``check_*`` function returns one ``CheckResult`` (ok, warning or FAILED, with the fix)
 and does not raise for the condition it checks. URIs appear only through ``redact_uri`` and
 error texts only through ``redact_text``, so no token, key or password is printed. Every
-backend read runs on a daemon thread with a deadline, so a stopped or hanging backend delays
-the command by at most twice the timeout per read. Side effects: the spool directory is created as the plugin would create it,
+backend read runs on a daemon thread with a deadline, and the four reads run at the same
+time, so stopped or hanging backends delay the command by about twice the timeout. Side effects: the spool directory is created as the plugin would create it,
 and a probe file is written there and removed.
 """
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import dataclasses
 import importlib.metadata
@@ -291,10 +292,16 @@ def bounded_mlflow_http(timeout_s: float):
     Covers stores whose requests do not go through ``make_single_attempt`` (plugin stores such
     as azureml-mlflow's). The previous environment is restored afterwards.
     """
+    seconds = str(max(1, math.ceil(timeout_s)))
     settings = {
         "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0",
-        # MLflow reads this variable as an integer.
-        "MLFLOW_HTTP_REQUEST_TIMEOUT": str(max(1, math.ceil(timeout_s))),
+        # MLflow reads these variables as integers.
+        "MLFLOW_HTTP_REQUEST_TIMEOUT": seconds,
+        # The total time MLflow's Databricks client retries one call through the Databricks
+        # SDK (MLflow 3.17 default: 500 s). NOTE: the SDK's own probe of the host when it
+        # builds a client follows the profile's retry_timeout_seconds (default 300 s), which
+        # no environment variable sets. The doctor's deadline bounds it.
+        "MLFLOW_DATABRICKS_ENDPOINT_HTTP_RETRY_TIMEOUT": seconds,
     }
     saved = {key: os.environ.get(key) for key in settings}
     os.environ.update(settings)
@@ -487,11 +494,15 @@ def run_checks(uri: str, timeout_s: float = DEFAULT_TIMEOUT_S) -> list:
     if config is None:
         return results
 
+    reads = []
+    for role in ("primary", "secondary"):
+        tracking_uri = getattr(config, f"{role}_uri")
+        registry_uri = getattr(config, f"{role}_registry_uri")
+        reads.append((role, "tracking", tracking_uri, tracking_uri, timeout_s))
+        reads.append((role, "registry", registry_uri, tracking_uri, timeout_s))
     with bounded_mlflow_http(timeout_s):
-        for role in ("primary", "secondary"):
-            tracking_uri = getattr(config, f"{role}_uri")
-            registry_uri = getattr(config, f"{role}_registry_uri")
-            results.append(check_backend(role, "tracking", tracking_uri, tracking_uri, timeout_s))
-            results.append(check_backend(role, "registry", registry_uri, tracking_uri, timeout_s))
+        # check_backend returns within its deadline, so these threads always finish.
+        with concurrent.futures.ThreadPoolExecutor(max_workers=len(reads)) as executor:
+            results += list(executor.map(lambda read: check_backend(*read), reads))
     results.append(check_spool(config))
     return results

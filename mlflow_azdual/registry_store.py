@@ -125,6 +125,17 @@ class DualRegistryStore(AbstractStore):
                 return candidate
         return None
 
+    # Reads that return an artifact location
+
+    def get_model_version_download_uri(self, name, version):
+        """Return the primary's download URI, with the primary's profile on a ``dbfs:/`` URI.
+
+        MLflow's DBFS repositories take credentials from the profile in the URI, else from
+        the active tracking URI, which is the azdual URI and has none.
+        """
+        uri = self.primary.get_model_version_download_uri(name, version)
+        return compat.add_databricks_profile(uri, self._config.primary_registry_uri)
+
     # Registered models
 
     def create_registered_model(self, name, tags=None, description=None, *args, **kwargs):

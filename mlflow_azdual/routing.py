@@ -23,7 +23,7 @@ TRACKING_READS = frozenset(
     list_gateway_model_definitions list_label_schemas list_review_queue_items list_review_queues
     list_scorer_versions list_scorers list_scorers_across_experiments list_secret_infos
     query_trace_metrics resolve_trace_archival_config search_datasets search_issues
-    search_logged_models search_mcp_access_endpoints search_mcp_server_versions
+    search_mcp_access_endpoints search_mcp_server_versions
     search_mcp_servers search_traces sum_gateway_trace_cost search_trace_infos
     get_trace_tag _search_traces list_logged_model_artifacts
     """.split()
@@ -70,7 +70,7 @@ TRACKING_INHERITED = frozenset(
 REGISTRY_READS = frozenset(
     """
     get_latest_versions get_model_version get_model_version_by_alias
-    get_model_version_download_uri get_registered_model search_model_versions
+    get_registered_model search_model_versions
     search_registered_models get_prompt get_prompt_version get_prompt_version_by_alias
     search_prompt_versions search_prompts get_webhook list_webhooks list_webhooks_by_event
     test_webhook

@@ -1182,6 +1182,12 @@ class DualTrackingStore(AbstractStore):
     def get_logged_model(self, model_id, *args, **kwargs):
         return self._dual_logged_model(self.primary.get_logged_model(model_id, *args, **kwargs))
 
+    def search_logged_models(self, *args, **kwargs):
+        page = self.primary.search_logged_models(*args, **kwargs)
+        for model in page:
+            self._dual_logged_model(model)
+        return page
+
     def _secondary_model_id(self, operation, model_id):
         """Return the secondary logged-model id of ``model_id``, or None when there is none.
 

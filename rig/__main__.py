@@ -13,7 +13,7 @@ import shlex
 import sys
 from pathlib import Path
 
-from rig.servers import DEFAULT_STATE_DIR, Rig
+from rig.servers import DATABRICKS_ENV_OVERRIDES, DEFAULT_STATE_DIR, Rig
 
 
 def _attach(state_dir: Path) -> Rig:
@@ -30,6 +30,9 @@ def command_up(state_dir: Path) -> None:
     print("  each is an MLflow server behind a policy proxy that emulates the service's "
           "published limits")
     print(f"plugin tracking URI: {rig.dual_tracking_uri()}")
+    print(f"primary through MLflow's Databricks client: {rig.primary_databricks_uri} "
+          f"({rig.primary_databricks_host}, profile in {rig.databricks_config_path})")
+    print(f"plugin tracking URI with that primary: {rig.databricks_dual_tracking_uri()}")
     print(f"S3 (moto): {rig.s3_endpoint_url}")
     print(f"logs: {rig.state_dir / 'logs'}")
     quoted_state_dir = shlex.quote(str(state_dir))
@@ -44,8 +47,12 @@ def command_env(state_dir: Path) -> None:
     print(f"# primary: {rig.primary_uri}")
     print(f"# secondary: {rig.secondary_uri}")
     print(f"# plugin tracking URI: {rig.dual_tracking_uri()}")
-    for key, value in {**rig.env, "AZDUAL_RIG_STATE": str(rig.state_path)}.items():
+    print(f"# with {rig.primary_databricks_uri} as the primary: {rig.databricks_dual_tracking_uri()}")
+    exports = {**rig.env, **rig.databricks_env, "AZDUAL_RIG_STATE": str(rig.state_path)}
+    for key, value in exports.items():
         print(f"export {key}={shlex.quote(value)}")
+    print("# these would take precedence over the rig's Databricks config file")
+    print(f"unset {' '.join(DATABRICKS_ENV_OVERRIDES)}")
 
 
 def command_status(state_dir: Path) -> None:
@@ -85,11 +92,12 @@ def main(argv: list[str] | None = None) -> None:
         help="up: start the rig in the background; env: print shell exports for a client; "
         "status: exit 0 if every server of the rig is running; down: stop the rig that `up` "
         "started; stop-server / start-server SERVER: stop or restart one MLflow "
-        "server and its policy proxy, to try an outage",
+        "server and its policy proxies, or only the primary's https front door "
+        "(primary-databricks), to try an outage",
     )
     parser.add_argument(
-        "server", nargs="?", choices=("primary", "secondary"),
-        help="the MLflow server for stop-server and start-server",
+        "server", nargs="?", choices=("primary", "secondary", "primary-databricks"),
+        help="the server for stop-server and start-server",
     )
     parser.add_argument(
         "--state-dir",
@@ -112,7 +120,9 @@ def main(argv: list[str] | None = None) -> None:
     }
     if args.command in ("stop-server", "start-server"):
         if args.server is None:
-            parser.error(f"{args.command} needs a server: primary or secondary")
+            parser.error(
+                f"{args.command} needs a server: primary, secondary or primary-databricks"
+            )
         server_commands = {"stop-server": command_stop_server, "start-server": command_start_server}
         try:
             server_commands[args.command](state_dir, args.server)

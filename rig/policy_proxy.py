@@ -8,7 +8,7 @@ emulation. No rule was checked against a live service.
 
 Run it as `python -m rig.policy_proxy --profile azureml|databricks --target-port T
 [--listen-port P] [--control-port C] [--limits JSON] [--tls-cert-file F --tls-key-file K]
-[--strip-path-prefix REGEX]`. Port 0 lets the system pick a free port. Once both listeners are bound, the proxy prints one JSON line to stdout,
+[--strip-path-prefix REGEX] [--bearer-token-file F] [--dbfs-root DIR]`. Port 0 lets the system pick a free port. Once both listeners are bound, the proxy prints one JSON line to stdout,
 `{"listen_port": ..., "control_port": ...}`. It stops on SIGTERM or SIGINT.
 
 The proxy reads each request body in full, checks it against the profile, and then forwards
@@ -18,10 +18,15 @@ an MLflow-style JSON error. Requests outside the MLflow REST API (`/api/2.0/mlfl
 
 The proxy can also stand in for a service's front door, so that the real Databricks and
 Azure ML clients reach it: with `--tls-cert-file` and `--tls-key-file` it serves https;
-with the environment variable RIG_PROXY_BEARER_TOKEN set it answers 401 to a request whose
-`Authorization` header is not `Bearer <that token>`, and never logs the token; with
+with the environment variable RIG_PROXY_BEARER_TOKEN set, or `--bearer-token-file` naming a
+file that contains the token, it responds with 401 to a request whose `Authorization` header is
+not `Bearer <that token>`, and never logs the token; with
 `--strip-path-prefix` it removes a leading match of the regular expression from each path
 (Azure ML's `/mlflow/v2.0/subscriptions/.../workspaces/<ws>`) before applying the rules.
+Under the databricks profile it responds itself to the Databricks SDK's discovery request
+`GET /.well-known/databricks-config`, which carries no token. With `--dbfs-root` it serves the
+DBFS calls of MLflow's DBFS artifact repository from files under that folder
+(`rig.dbfs_emulation`), after the token check.
 
 Control endpoint (GET only, one JSON object per response):
   /throttle?count=K&retry_after_s=S
@@ -29,7 +34,7 @@ Control endpoint (GET only, one JSON object per response):
                REQUEST_LIMIT_EXCEEDED and `Retry-After: S`, without forwarding them
   /stats       requests seen and forwarded, requests per route, the filters of the last
                1,000 search requests, rejections per rule, throttling, dropped tags and
-               hidden experiments, unauthenticated requests
+               hidden experiments, unauthenticated requests, DBFS requests
 
 `PolicyProxy` starts this module as a subprocess in its own session and controls it.
 """
@@ -54,6 +59,7 @@ from typing import NamedTuple
 import aiohttp
 from aiohttp import web
 
+from rig.dbfs_emulation import DbfsEmulation
 from rig.proxy_process import HOST, ControlClient, ProxyProcess
 from rig.tls import CertificateFiles
 
@@ -137,6 +143,10 @@ MAX_RETRY_AFTER_S = 86_400
 TARGET_TIMEOUT_S = 300
 # Environment variable with the bearer token the proxy requires; unset accepts any request.
 BEARER_TOKEN_ENV = "RIG_PROXY_BEARER_TOKEN"
+# The Databricks SDK requests this path without credentials whenever it builds a client, and
+# logs a warning unless it gets a JSON object. The rig's workspace id is made up.
+DATABRICKS_METADATA_PATH = "/.well-known/databricks-config"
+DATABRICKS_METADATA = {"workspace_id": "1000000000000001"}
 
 # Single- or double-quoted string literals and backquoted identifiers of an MLflow filter.
 _FILTER_QUOTED = re.compile(r"'(?:[^'\\]|\\.)*'|\"(?:[^\"\\]|\\.)*\"|`[^`]*`")
@@ -356,6 +366,8 @@ class ProxyState:
         self.routes = collections.Counter()
         self.search_filters = collections.deque(maxlen=MAX_RECORDED_SEARCH_FILTERS)
         self.unauthenticated = 0
+        # Requests served by the DBFS emulation, by method and path ("POST /dbfs", ...).
+        self.dbfs_requests = collections.Counter()
 
     def take_throttle(self) -> int | None:
         """Consume one pending throttle and return its Retry-After in seconds, or None."""
@@ -379,6 +391,7 @@ class ProxyState:
             "routes": dict(self.routes),
             "search_filters": list(self.search_filters),
             "unauthenticated": self.unauthenticated,
+            "dbfs_requests": dict(self.dbfs_requests),
         }
 
 
@@ -415,6 +428,8 @@ class FrontDoor(NamedTuple):
     bearer_token: str | None = None
     # A regular expression; a match at the start of the path is removed.
     strip_path_prefix: re.Pattern | None = None
+    # The emulation that serves DBFS requests from local files. None forwards them as usual.
+    dbfs: DbfsEmulation | None = None
 
 
 class PolicyForwarder:
@@ -440,6 +455,8 @@ class PolicyForwarder:
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
         self.state.requests_total += 1
+        if self.policy.profile == "databricks" and request.path == DATABRICKS_METADATA_PATH:
+            return web.json_response(DATABRICKS_METADATA)
         if not self._authenticated(request):
             self.state.unauthenticated += 1
             log.info("%s %s rejected: missing or wrong bearer token", request.method, request.path)
@@ -448,6 +465,10 @@ class PolicyForwarder:
                 "rig.policy_proxy: the request did not carry the expected bearer token.",
             )
         request = self._without_path_prefix(request)
+        if self.front.dbfs is not None and self.front.dbfs.handles(request.path):
+            kind = "/dbfs" if request.path.startswith("/dbfs/") else request.path
+            self.state.dbfs_requests[f"{request.method} {kind}"] += 1
+            return await self.front.dbfs.handle(request)
         body = await request.read()
         match = MLFLOW_PATH.match(request.path)
         if match is None:
@@ -743,6 +764,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--strip-path-prefix", type=re.compile,
                         help="regular expression; a match at the start of a request path is "
                         "removed before the rules apply")
+    parser.add_argument("--bearer-token-file",
+                        help="file whose content (stripped) is the bearer token requests must "
+                        "carry; overrides RIG_PROXY_BEARER_TOKEN")
+    parser.add_argument("--dbfs-root",
+                        help="folder of the DBFS emulation: serve the DBFS calls of MLflow's "
+                        "DBFS artifact repository from files under it")
     parser.add_argument("--log-level", default="INFO",
                         help="logging level of messages on stderr (default INFO)")
     args = parser.parse_args(argv)
@@ -762,9 +789,16 @@ def main(argv: list[str] | None = None) -> None:
     if args.tls_cert_file:
         ssl_context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
         ssl_context.load_cert_chain(args.tls_cert_file, args.tls_key_file)
+    bearer_token = os.environ.get(BEARER_TOKEN_ENV) or None
+    if args.bearer_token_file:
+        with open(args.bearer_token_file) as token_file:
+            bearer_token = token_file.read().strip()
+        if not bearer_token:
+            parser.error(f"--bearer-token-file {args.bearer_token_file} is empty")
     front = FrontDoor(
-        bearer_token=os.environ.get(BEARER_TOKEN_ENV) or None,
+        bearer_token=bearer_token,
         strip_path_prefix=args.strip_path_prefix,
+        dbfs=DbfsEmulation(args.dbfs_root) if args.dbfs_root else None,
     )
     asyncio.run(
         run_proxy(
@@ -807,6 +841,7 @@ class PolicyProxy(ProxyProcess):
         tls: CertificateFiles | None = None,
         bearer_token: str | None = None,
         strip_path_prefix: str | None = None,
+        dbfs_root: str | os.PathLike | None = None,
         log_path: str | os.PathLike | None = None,
         startup_timeout_s: float = 10.0,
     ):
@@ -819,6 +854,7 @@ class PolicyProxy(ProxyProcess):
         self.tls = tls
         self.bearer_token = bearer_token
         self.strip_path_prefix = strip_path_prefix
+        self.dbfs_root = dbfs_root
         self.port: int | None = None
         self.control: PolicyProxyControl | None = None
 
@@ -853,6 +889,8 @@ class PolicyProxy(ProxyProcess):
                      "--tls-key-file", str(self.tls.key)]
         if self.strip_path_prefix is not None:
             argv += ["--strip-path-prefix", self.strip_path_prefix]
+        if self.dbfs_root is not None:
+            argv += ["--dbfs-root", str(self.dbfs_root)]
         return argv
 
     def _environment(self) -> dict[str, str]:

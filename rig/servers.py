@@ -8,6 +8,12 @@ in front of the secondary. These are emulations of public reports, not the servi
 `primary_uri` and `secondary_uri` are the proxies' addresses; `primary_server_uri` and
 `secondary_server_uri` reach the MLflow servers directly.
 
+A second policy proxy, `primary-databricks`, is the primary's front door for MLflow's real
+Databricks client: https with a certificate of the rig's own authority, a bearer token, and
+an emulation of the DBFS calls of MLflow's DBFS artifact repository (`rig.dbfs_emulation`).
+The rig writes a Databricks config file with the profile `rig` (and `[DEFAULT]`) for it, so
+`databricks://rig` is the primary for a client with `Rig.databricks_env`.
+
 Clients write artifacts straight to storage, so they need `Rig.env`. The rig writes
 state.json into its state dir, and `Rig.attach()` rebuilds a Rig from it in another process.
 """
@@ -17,6 +23,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import secrets
 import shutil
 import sys
 import time
@@ -25,6 +32,7 @@ from pathlib import Path
 from rig.guard import GUARD_PATH
 from rig.policy_proxy import PolicyProxyControl
 from rig.processes import ServerProcess, find_free_ports, mlflow_server_process
+from rig.tls import write_certificates
 
 log = logging.getLogger("rig")
 
@@ -40,12 +48,28 @@ AZURITE_ACCOUNT_KEY = (
     "Eby8vdM02xNOcqFlqUwJPLlmEtlCDXJ1OUzFT50uSRZ6IFsuFq2UVErCz4I6tq/K1SZFPTOtr/KBHBeksoGMGw=="
 )
 
-SERVER_NAMES = ("moto", "azurite", "primary", "secondary", "primary-policy", "secondary-policy")
+SERVER_NAMES = (
+    "moto", "azurite", "primary", "secondary", "primary-policy", "secondary-policy",
+    "primary-databricks",
+)
 MLFLOW_SERVER_NAMES = ("primary", "secondary")
 # The policy profile emulated in front of each MLflow server, and the plugin's matching
 # backend profile options for a dual URI over the rig.
 POLICY_PROFILES = {"primary": "databricks", "secondary": "azureml"}
 PLUGIN_PROFILE_OPTIONS = {"primary_profile": "databricks", "secondary_profile": "azureml"}
+# The front doors of each MLflow server, stopped and started with it.
+FRONT_DOORS = {
+    "primary": ("primary-policy", "primary-databricks"),
+    "secondary": ("secondary-policy",),
+}
+
+# The Databricks CLI profile of the primary's https front door in the rig's config file.
+DATABRICKS_PROFILE = "rig"
+# Databricks settings in the environment that take precedence over the config file's profile.
+DATABRICKS_ENV_OVERRIDES = ("DATABRICKS_HOST", "DATABRICKS_TOKEN", "DATABRICKS_CONFIG_PROFILE")
+# Seconds the Databricks SDK and MLflow's Databricks client retry one call. Their defaults
+# (300 s in the SDK, 500 s in MLflow 3.17) make a call to a stopped front door hang for minutes.
+DATABRICKS_RETRY_TIMEOUT_S = 5
 
 
 def find_azurite_blob() -> str:
@@ -90,10 +114,10 @@ class Rig:
         self.processes: dict[str, ServerProcess] = {}
         self._ports: dict[str, int] = {}
 
-    # Construction of the four servers.
+    # Construction of the servers.
 
     def _build_processes(self) -> None:
-        ports = find_free_ports(8)
+        ports = find_free_ports(10)
         moto_port, azurite_port, primary_port, secondary_port = ports[:4]
         self._ports = {
             "moto": moto_port,
@@ -102,8 +126,11 @@ class Rig:
             "secondary": secondary_port,
             "primary-policy": ports[4],
             "secondary-policy": ports[5],
+            "primary-databricks": ports[8],
         }
-        control_ports = {"primary-policy": ports[6], "secondary-policy": ports[7]}
+        control_ports = {
+            "primary-policy": ports[6], "secondary-policy": ports[7], "primary-databricks": ports[9],
+        }
         logs = self.state_dir / "logs"
         self.processes = {
             "moto": ServerProcess(
@@ -170,6 +197,75 @@ class Rig:
                 extra_env=self._python_server_env(),
             )
 
+        self.processes["primary-databricks"] = self._databricks_front_process(
+            control_ports["primary-databricks"], logs
+        )
+
+    def _databricks_front_process(self, control_port: int, logs: Path) -> ServerProcess:
+        """Write the front door's certificate, token and config file, and return its process.
+
+        The token is read from a file, so that it is in neither state.json nor a log.
+        """
+        directory = self.databricks_dir
+        certificates = write_certificates(directory / "tls")
+        self._write_ca_bundle(certificates.authority)
+        token = f"dapi-rig-{secrets.token_hex(16)}"
+        _write_private(directory / "token", token + "\n")
+        self._write_databricks_config(token)
+        port = self._ports["primary-databricks"]
+        return ServerProcess(
+            "primary-databricks",
+            [
+                sys.executable, "-m", "rig.policy_proxy",
+                "--profile", "databricks",
+                "--target-port", str(self._ports["primary"]),
+                "--listen-port", str(port),
+                "--control-port", str(control_port),
+                "--tls-cert-file", str(certificates.certificate),
+                "--tls-key-file", str(certificates.key),
+                "--bearer-token-file", str(directory / "token"),
+                "--dbfs-root", str(self.dbfs_root),
+            ],
+            port=port,
+            health_url=f"http://127.0.0.1:{control_port}/stats",
+            log_path=logs / "primary-databricks.log",
+            cwd=REPO_ROOT,
+            extra_env=self._python_server_env(),
+        )
+
+    def _write_ca_bundle(self, authority: Path) -> None:
+        """Write the rig's authority after the certificates that clients trusted before.
+
+        Clients get this file as REQUESTS_CA_BUNDLE, so other https hosts stay trusted too.
+        """
+        import certifi
+
+        previous = os.environ.get("REQUESTS_CA_BUNDLE") or certifi.where()
+        if Path(previous).resolve() == self.ca_bundle_path.resolve():
+            previous = certifi.where()
+        try:
+            trusted = Path(previous).read_text()
+        except OSError:
+            trusted = Path(certifi.where()).read_text()
+        self.ca_bundle_path.write_text(trusted.rstrip("\n") + "\n" + authority.read_text())
+
+    def _write_databricks_config(self, token: str) -> None:
+        """Write the config file with the profile `rig` and the same settings in `[DEFAULT]`.
+
+        Some of MLflow's Databricks artifact code falls back to the default credentials when
+        the registry URI carries none, as an azdual URI does not (in MLflow 3.17,
+        DatabricksSDKModelsArtifactRepository). So both profiles point at the front door.
+        """
+        settings = (
+            f"host = {self.primary_databricks_host}\n"
+            f"token = {token}\n"
+            f"retry_timeout_seconds = {DATABRICKS_RETRY_TIMEOUT_S}\n"
+        )
+        _write_private(
+            self.databricks_config_path,
+            f"[DEFAULT]\n{settings}\n[{DATABRICKS_PROFILE}]\n{settings}",
+        )
+
     def _python_server_env(self) -> dict[str, str]:
         """Return the environment additions for a Python server: client env plus the guard.
 
@@ -201,6 +297,60 @@ class Rig:
         """The secondary MLflow server itself, without the policy proxy."""
         return f"http://127.0.0.1:{self._ports['secondary']}"
 
+    @property
+    def databricks_dir(self) -> Path:
+        """Folder of the Databricks front door: certificates, token, config file, DBFS files."""
+        return self.state_dir / "databricks"
+
+    @property
+    def databricks_config_path(self) -> Path:
+        return self.databricks_dir / "databrickscfg"
+
+    @property
+    def ca_bundle_path(self) -> Path:
+        return self.databricks_dir / "ca-bundle.pem"
+
+    @property
+    def dbfs_root(self) -> Path:
+        """Local folder that contains the files of the DBFS emulation: `dbfs:/a/b` is `<root>/a/b`."""
+        return self.databricks_dir / "dbfs"
+
+    @property
+    def primary_databricks_host(self) -> str:
+        """The primary's https front door, the host of the `rig` Databricks profile."""
+        return f"https://127.0.0.1:{self._ports['primary-databricks']}"
+
+    @property
+    def primary_databricks_uri(self) -> str:
+        """The primary as MLflow's Databricks client reaches it, with `databricks_env` set."""
+        return f"databricks://{DATABRICKS_PROFILE}"
+
+    @property
+    def databricks_env(self) -> dict[str, str]:
+        """Environment variables a client of `databricks://rig` needs, in addition to `env`.
+
+        The variables in DATABRICKS_ENV_OVERRIDES must also be unset, because they take
+        precedence over the config file.
+        """
+        return {
+            "DATABRICKS_CONFIG_FILE": str(self.databricks_config_path),
+            "REQUESTS_CA_BUNDLE": str(self.ca_bundle_path),
+            "MLFLOW_DATABRICKS_ENDPOINT_HTTP_RETRY_TIMEOUT": str(DATABRICKS_RETRY_TIMEOUT_S),
+        }
+
+    def databricks_dual_tracking_uri(self, **options) -> str:
+        """Return the plugin's tracking URI with `databricks://rig` as the primary.
+
+        The primary's backend profile follows from its scheme. `options` are added as in
+        `dual_tracking_uri`.
+        """
+        from mlflow_azdual.uri import explicit_tracking_uri
+
+        return explicit_tracking_uri(
+            self.primary_databricks_uri, self.secondary_uri,
+            **{"secondary_profile": PLUGIN_PROFILE_OPTIONS["secondary_profile"], **options},
+        )
+
     def dual_tracking_uri(self, **options) -> str:
         """Return the plugin's tracking URI over both stand-ins, with their backend profiles.
 
@@ -213,10 +363,18 @@ class Rig:
         )
 
     def policy_control(self, name: str) -> PolicyProxyControl:
-        """Return the control client of the policy proxy in front of `primary` or `secondary`."""
-        if name not in POLICY_PROFILES:
-            raise ValueError(f"unknown MLflow server {name!r}; expected primary or secondary")
-        argv = self._process(f"{name}-policy").argv
+        """Return the control client of a policy proxy.
+
+        `primary` and `secondary` name the plain http proxy in front of that server, and
+        `primary-databricks` the primary's https front door.
+        """
+        proxies = {"primary": "primary-policy", "secondary": "secondary-policy",
+                   "primary-databricks": "primary-databricks"}
+        if name not in proxies:
+            raise ValueError(
+                f"unknown policy proxy {name!r}; expected primary, secondary or primary-databricks"
+            )
+        argv = self._process(proxies[name]).argv
         return PolicyProxyControl(int(argv[argv.index("--control-port") + 1]))
 
     @property
@@ -301,7 +459,8 @@ class Rig:
             self._create_container()
             for name in MLFLOW_SERVER_NAMES:
                 self.processes[name].wait_ready(self.startup_timeout)
-                self.processes[f"{name}-policy"].wait_ready(self.startup_timeout)
+                for front in FRONT_DOORS[name]:
+                    self.processes[front].wait_ready(self.startup_timeout)
         except BaseException:
             self.stop()
             raise
@@ -325,11 +484,12 @@ class Rig:
         self.state_path.unlink(missing_ok=True)
 
     def stop_server(self, name: str) -> None:
-        """Stop one server: `primary`, `secondary`, `moto` or `azurite`.
+        """Stop one server: `primary`, `secondary`, `moto`, `azurite` or a front door.
 
-        Stopping `primary` or `secondary` stops its policy proxy too, so clients get
-        connection refused, as from a backend that cannot be reached. `start_server(name)`
-        starts it again on the same port.
+        Stopping `primary` or `secondary` stops its front doors (policy proxies) too, so
+        clients get connection refused, as from a backend that cannot be reached. Stopping
+        `primary-databricks` stops only the https front door. `start_server(name)` starts it
+        again on the same port.
         """
         for process in self._processes_of(name):
             process.stop()
@@ -354,10 +514,9 @@ class Rig:
             self._write_state()
 
     def _processes_of(self, name: str) -> list[ServerProcess]:
-        """Return the processes that make up server `name`: an MLflow server and its proxy."""
+        """Return the processes that make up server `name`: an MLflow server and its proxies."""
         processes = [self._process(name)]
-        if name in POLICY_PROFILES:
-            processes.append(self._process(f"{name}-policy"))
+        processes += [self._process(front) for front in FRONT_DOORS.get(name, ())]
         return processes
 
     def is_server_running(self, name: str) -> bool:
@@ -393,6 +552,7 @@ class Rig:
     def _remove_previous_state(self) -> None:
         for name in MLFLOW_SERVER_NAMES:
             (self.state_dir / name / "mlflow.db").unlink(missing_ok=True)
+        shutil.rmtree(self.dbfs_root, ignore_errors=True)
         self.state_path.unlink(missing_ok=True)
 
     # Storage set-up. moto and Azurite keep data in memory, so this runs after every start.
@@ -422,7 +582,9 @@ class Rig:
             "primary_uri": self.primary_uri,
             "secondary_uri": self.secondary_uri,
             "dual_tracking_uri": self.dual_tracking_uri(),
+            "databricks_dual_tracking_uri": self.databricks_dual_tracking_uri(),
             "env": self.env,
+            "databricks_env": self.databricks_env,
             "processes": {name: process.to_state() for name, process in self.processes.items()},
         }
         temporary = self.state_path.with_suffix(".tmp")
@@ -439,8 +601,20 @@ class Rig:
         state_path = Path(state_path).resolve()
         state = json.loads(state_path.read_text())
         rig = cls(state_path.parent)
+        # A rig started by an older version of this module lacks some servers, and those that
+        # it has can still be stopped.
         rig.processes = {
-            name: ServerProcess.from_state(name, state["processes"][name]) for name in SERVER_NAMES
+            name: ServerProcess.from_state(name, state["processes"][name])
+            for name in SERVER_NAMES
+            if name in state["processes"]
         }
         rig._ports = {name: process.port for name, process in rig.processes.items()}
         return rig
+
+
+def _write_private(path: Path, text: str) -> None:
+    """Write `text` to `path`, readable by the owner only from the moment it exists."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(descriptor, "w") as file:
+        file.write(text)

@@ -4,7 +4,8 @@ The guard is installed when pytest imports this file, so code in the pytest proc
 reach a host other than this machine. The session-scoped `rig` fixture starts a Rig, or
 attaches to a running one when AZDUAL_RIG_STATE names the state.json written by
 `python -m rig up`. It stops only a rig that it started. When a test fails, its report
-gets the end of every server log.
+gets the end of every server log. The module-scoped `databricks_primary` fixture sets up
+this process as a client of `databricks://rig`, the primary behind its https front door.
 """
 
 import os
@@ -15,6 +16,7 @@ import pytest
 
 from rig import Rig
 from rig.guard import GUARD_PATH
+from rig.servers import DATABRICKS_ENV_OVERRIDES
 from rig.guard import install as install_loopback_guard
 
 install_loopback_guard()
@@ -85,6 +87,23 @@ def rig(request, tmp_path_factory):
             running_rig.stop()
         os.environ.clear()
         os.environ.update(saved_environ)
+
+
+@pytest.fixture(scope="module")
+def databricks_primary(rig):
+    """The rig, with this process set up as a client of `databricks://rig` for the module.
+
+    Puts the rig's Databricks config file, its certificate bundle as REQUESTS_CA_BUNDLE and
+    short Databricks retry timeouts into os.environ, and unsets DATABRICKS_HOST,
+    DATABRICKS_TOKEN and DATABRICKS_CONFIG_PROFILE, which would take precedence over the
+    config file. The previous values come back after the module.
+    """
+    with pytest.MonkeyPatch.context() as patch:
+        for name in DATABRICKS_ENV_OVERRIDES:
+            patch.delenv(name, raising=False)
+        for name, value in rig.databricks_env.items():
+            patch.setenv(name, value)
+        yield rig
 
 
 @pytest.fixture
