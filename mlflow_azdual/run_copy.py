@@ -137,6 +137,7 @@ def copy_run_data(store, primary_run, secondary_experiment_id, partial=None):
             info.run_id, partial.run_id,
         )
         mirror = partial
+        create_tags = []
         existing = store.secondary.get_run(partial.run_id)
         present_tags = existing.data.tags
         present_params = existing.data.params
@@ -166,7 +167,8 @@ def copy_run_data(store, primary_run, secondary_experiment_id, partial=None):
     backfill = Write(0, info.run_id, metrics, params, send_tags)
     for batch in coalesce([backfill], store.backend_limits["secondary"]):
         rest_batch.log_batch(store.secondary, mirror.run_id, batch.metrics, batch.params, batch.tags)
-    counts.params, counts.tags, counts.metric_points = len(params), len(send_tags), len(metrics)
+    counts.params, counts.metric_points = len(params), len(metrics)
+    counts.tags = len(create_tags) + len(send_tags)
 
     if (info.status != "RUNNING" or info.end_time) and (
         secondary_info.status != info.status or secondary_info.end_time != info.end_time
