@@ -177,8 +177,6 @@ class Backfill:
     def run(self, runs, progress: Optional[Callable] = None) -> Summary:
         """Mirror ``runs`` (primary Run entities) one by one; return the summary."""
         summary = Summary()
-        for experiment_id in sorted({run.info.experiment_id for run in runs}):
-            self.store.mapping.secondary_experiment_id(experiment_id)
         for index, run in enumerate(runs):
             outcome = self.mirror_run(run)
             summary.outcomes.append(outcome)
