@@ -7,6 +7,10 @@ waiting in the spool, the age of the oldest, the failed attempts and the dead le
 spool files with the process that owns each.
 ``mlflow-azdual sync [URI]`` replays the spool files of ended processes in the foreground with a
 progress bar; exit code 1 when writes are left unsent or a file is unreadable.
+``mlflow-azdual mirror [URI] [selection]`` copies runs that have no complete mirror (logged before
+the plugin was in use) to the secondary, with a summary; exit code 1 when a run failed.
+``mlflow-azdual diff [URI] (--run-id ID | --experiment NAME_OR_ID) [--json]`` lists what differs
+between runs and their mirrors; exit code 1 when something differs.
 ``mlflow-azdual doctor [URI] [--json] [--timeout-s S]`` checks the configuration, the installed
 versions and entry points, one read on each backend and the spool directory, one line per
 check. Its exit code is 1 when a check failed.
@@ -110,9 +114,11 @@ def _status(uri: str, as_json: bool, dead_letters: bool) -> int:
 class _ProgressBar:
     """A one-line progress bar on stderr, redrawn at most ten times a second."""
 
-    def __init__(self, stream=sys.stderr, width=30):
+    def __init__(self, stream=sys.stderr, width=30, label="sync", unit="writes"):
         self._stream = stream
         self._width = width
+        self._label = label
+        self._unit = unit
         self._drawn_s = 0.0
 
     def __call__(self, done: int, total: int) -> None:
@@ -122,7 +128,7 @@ class _ProgressBar:
         self._drawn_s = now
         filled = self._width if not total else int(self._width * done / total)
         bar = "#" * filled + "." * (self._width - filled)
-        self._stream.write(f"\rsync [{bar}] {done}/{total} writes")
+        self._stream.write(f"\r{self._label} [{bar}] {done}/{total} {self._unit}")
         self._stream.flush()
 
     def close(self) -> None:
@@ -220,7 +226,11 @@ def main(argv=None) -> int:
         help="timeout in seconds of each backend request (default: %(default)s). The whole read of one "
         "store, set-up included, gets twice that",
     )
-    for command in (status, sync, doctor):
+    from mlflow_azdual import mirror_commands
+
+    mirror = mirror_commands.add_mirror_parser(commands)
+    diff = mirror_commands.add_diff_parser(commands)
+    for command in (status, sync, doctor, mirror, diff):
         command.add_argument(
             "uri", nargs="?", default=os.environ.get("MLFLOW_TRACKING_URI"),
             help="azdual tracking URI (default: MLFLOW_TRACKING_URI)",
@@ -249,6 +259,11 @@ def _run(parser, arguments) -> int:
     try:
         if arguments.command == "status":
             return _status(arguments.uri, arguments.json, arguments.dead_letters)
+        if arguments.command in ("mirror", "diff"):
+            from mlflow_azdual import mirror_commands
+
+            run = mirror_commands.run_mirror if arguments.command == "mirror" else mirror_commands.run_diff
+            return run(_dual_store(arguments.uri), arguments)
         return _sync(arguments.uri)
     except MlflowException as error:
         print(f"error: {error.message}", file=sys.stderr)

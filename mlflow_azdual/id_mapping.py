@@ -30,6 +30,15 @@ PRIMARY_RUN_ID_TAG = "azdual.primary_run_id"
 PRIMARY_MODEL_ID_TAG = "azdual.primary_model_id"
 # On primary runs created through the plugin: their creating process makes the mirror.
 CREATED_THROUGH_PLUGIN_TAG = "azdual.created_through_plugin"
+# On secondary runs copied from the primary (not created through the plugin): how far the
+# copy got. The copy sets COPYING when it creates the mirror and its last request sets
+# COPIED_EXCEPT_ARTIFACTS (params, tags, metrics and status) or, from `mlflow-azdual mirror`,
+# COMPLETE (also artifacts, logged models and model versions). A mirror created through the
+# plugin has no such tag.
+COPY_STATUS_TAG = "azdual.copy_status"
+COPYING = "copying"
+COPIED_EXCEPT_ARTIFACTS = "copied_except_artifacts"
+COMPLETE = "complete"
 
 PARENT_RUN_ID_TAG = "mlflow.parentRunId"
 
@@ -39,19 +48,27 @@ MIRROR_CREATION_GRACE_S = 30.0
 
 @dataclasses.dataclass(frozen=True)
 class SecondaryRun:
-    """The mirror of a primary run: its secondary id and artifact URI."""
+    """The mirror of a primary run: its secondary id and artifact URI.
+
+    ``copy_status`` is the mirror's ``azdual.copy_status`` tag when it was looked up (None
+    for a mirror created through the plugin). ``copied`` counts what a copy sent, if this
+    lookup copied the run.
+    """
 
     run_id: str
     artifact_uri: str
     backfilled: bool = False
+    copy_status: Optional[str] = None
+    copied: Optional[object] = None
 
 
 class IdMapping:
     """Resolves and caches secondary ids for primary experiments, runs and logged models.
 
-    ``copy_run(primary_run, secondary_experiment_id)`` creates the mirror of a primary run that
-    has none, copies the run's data to it and returns its ``SecondaryRun`` with
-    ``backfilled=True``.
+    ``copy_run(primary_run, secondary_experiment_id, partial)`` creates the mirror of a primary
+    run that has none (``partial`` None), or completes a copy that stopped midway (``partial``
+    is that mirror, tagged ``azdual.copy_status=copying``), and returns its ``SecondaryRun``
+    with ``backfilled=True``.
     """
 
     def __init__(
@@ -180,7 +197,9 @@ class IdMapping:
             if cached is not None:
                 return cached
             secondary_run = self._resolve_run(primary_run_id)
-            self._runs[primary_run_id] = dataclasses.replace(secondary_run, backfilled=False)
+            self._runs[primary_run_id] = dataclasses.replace(
+                secondary_run, backfilled=False, copied=None
+            )
             return secondary_run
 
     def secondary_run_id(self, primary_run_id: str) -> str:
@@ -208,15 +227,67 @@ class IdMapping:
             except MlflowException:
                 candidate = None
             if candidate is not None and candidate.data.tags.get(PRIMARY_RUN_ID_TAG) == primary_id:
-                return SecondaryRun(candidate.info.run_id, candidate.info.artifact_uri)
+                mirror = _secondary_run_of(candidate)
+                if mirror.copy_status != COPYING:
+                    return mirror
+                experiment_id = self.secondary_experiment_id(primary_run.info.experiment_id)
+                return self._copy_run(primary_run, experiment_id, mirror)
 
         mirror = self._find_secondary_run(primary_id, primary_run.info.experiment_id)
         if mirror is None:
             self._wait_for_creator(primary_run)
             experiment_id = self.secondary_experiment_id(primary_run.info.experiment_id)
-            mirror = self._copy_run(primary_run, experiment_id)
+            mirror = self._copy_run(primary_run, experiment_id, None)
+        elif mirror.copy_status == COPYING:
+            # A copy that stopped midway (a killed process, a failed request) is completed.
+            experiment_id = self.secondary_experiment_id(primary_run.info.experiment_id)
+            mirror = self._copy_run(primary_run, experiment_id, mirror)
         self._record_run_mapping(primary_id, mirror.run_id)
         return mirror
+
+    def find_secondary_run(self, primary_run) -> Optional[SecondaryRun]:
+        """Return the mirror of ``primary_run`` (a Run) without creating or completing it.
+
+        Looks at the run's ``azdual.secondary_run_id`` tag first, then searches the
+        secondary experiment; None when the experiment or the run has no mirror there.
+        """
+        from mlflow.exceptions import MlflowException
+
+        primary_id = primary_run.info.run_id
+        recorded_id = primary_run.data.tags.get(SECONDARY_RUN_ID_TAG)
+        if recorded_id:
+            try:
+                candidate = self._secondary.get_run(recorded_id)
+            except MlflowException:
+                candidate = None
+            if candidate is not None and candidate.data.tags.get(PRIMARY_RUN_ID_TAG) == primary_id:
+                return _secondary_run_of(candidate)
+        experiment_id = self.find_secondary_experiment_id(primary_run.info.experiment_id)
+        if experiment_id is None:
+            return None
+        return self._search_secondary_run(primary_id, experiment_id)
+
+    def find_secondary_experiment_id(self, primary_experiment_id: str) -> Optional[str]:
+        """Return the secondary id of a primary experiment, or None if it has no mirror.
+
+        Never creates an experiment. Looks at the ``azdual.secondary_experiment_id`` tag, then
+        at the names the mirror could have.
+        """
+        cached = self._experiments.get(primary_experiment_id)
+        if cached is not None:
+            return cached
+        primary_experiment = self._primary.get_experiment(primary_experiment_id)
+        recorded_id = (primary_experiment.tags or {}).get(SECONDARY_EXPERIMENT_ID_TAG)
+        if recorded_id and self._secondary_experiment_matches(recorded_id, primary_experiment_id):
+            return recorded_id
+        name = secondary_experiment_name(primary_experiment.name, self._template)
+        for candidate in (name, disambiguate(name, primary_experiment.name)):
+            existing = self._secondary.get_experiment_by_name(candidate)
+            if existing is not None and (
+                (existing.tags or {}).get(PRIMARY_EXPERIMENT_ID_TAG) == primary_experiment_id
+            ):
+                return existing.experiment_id
+        return None
 
     def create_secondary_run(
         self, primary_run_id, experiment_id, user_id, start_time, tags, run_name, look_first=False
@@ -268,17 +339,22 @@ class IdMapping:
             )
 
     def _find_secondary_run(self, primary_run_id, primary_experiment_id) -> Optional[SecondaryRun]:
+        return self._search_secondary_run(
+            primary_run_id, self.secondary_experiment_id(primary_experiment_id)
+        )
+
+    def _search_secondary_run(self, primary_run_id, secondary_experiment_id):
         from mlflow.entities import ViewType
 
         found = self._secondary.search_runs(
-            [self.secondary_experiment_id(primary_experiment_id)],
+            [secondary_experiment_id],
             f"tags.`{PRIMARY_RUN_ID_TAG}` = '{primary_run_id}'",
             ViewType.ALL,
             max_results=1,
         )
         if not found:
             return None
-        return SecondaryRun(found[0].info.run_id, found[0].info.artifact_uri)
+        return _secondary_run_of(found[0])
 
     def _record_run_mapping(self, primary_run_id, secondary_run_id):
         """Tag the primary run with its mirror; on failure, remember to tag it on the retry."""
@@ -336,6 +412,12 @@ class IdMapping:
             if secondary_id:
                 self._models[primary_model_id] = secondary_id
             return secondary_id
+
+
+def _secondary_run_of(run) -> SecondaryRun:
+    return SecondaryRun(
+        run.info.run_id, run.info.artifact_uri, copy_status=run.data.tags.get(COPY_STATUS_TAG)
+    )
 
 
 def _without_own_tags(tags):

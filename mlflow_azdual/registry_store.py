@@ -77,6 +77,13 @@ class DualRegistryStore(AbstractStore):
                 primary = without_tracking_token(primary)
             self._primary = primary
 
+    def gate_sub_stores(self, wrap_primary, wrap_secondary):
+        """Replace the sub-stores with ``wrap_primary(store)`` and ``wrap_secondary(store)``."""
+        self._build_sub_stores()
+        with self._build_lock:
+            self._primary = wrap_primary(self._primary)
+            self._secondary = wrap_secondary(self._secondary)
+
     @property
     def tracking(self):
         """The dual tracking store of the same URI, which owns the run and model id mapping."""

@@ -20,6 +20,7 @@ Methods that need no translation are generated from the tables in ``routing``.
 
 import atexit
 import copy
+import dataclasses
 import logging
 import os
 import threading
@@ -28,9 +29,9 @@ import weakref
 from mlflow.store.tracking.abstract_store import AbstractStore
 
 from mlflow_azdual import artifact_uri as dual_uri
-from mlflow_azdual import compat, rest_batch, routing
+from mlflow_azdual import compat, mirror_rules, rest_batch, routing
 from mlflow_azdual import model_as_run_artifacts as run_artifact_models
-from mlflow_azdual.coalesce import Batch, BatchLimits, Write, coalesce
+from mlflow_azdual.coalesce import Batch, BatchLimits, Write
 from mlflow_azdual.forking import renew_after_fork
 from mlflow_azdual.id_mapping import (
     PRIMARY_MODEL_ID_TAG,
@@ -45,6 +46,7 @@ from mlflow_azdual.job_credentials import (
 )
 from mlflow_azdual.logs import get_logger
 from mlflow_azdual.mirror import Mirror
+from mlflow_azdual.mirror_rules import TRUNCATED_PARAM_TAG_PREFIX  # noqa: F401 - public name
 from mlflow_azdual.retry import RateLimitedLogger, RetryPolicy
 from mlflow_azdual.single_attempt import make_single_attempt
 from mlflow_azdual.spark_tasks import in_spark_task
@@ -123,6 +125,10 @@ class DualTrackingStore(AbstractStore):
         self.secondary_history_page_size = (
             self.secondary_profile.max_metric_history_page_size or CLIENT_HISTORY_PAGE_SIZE
         )
+        self.history_page_sizes = {
+            "primary": self.primary_profile.max_metric_history_page_size or CLIENT_HISTORY_PAGE_SIZE,
+            "secondary": self.secondary_history_page_size,
+        }
         self.policy = RetryPolicy(
             initial_backoff_s=options["retry_initial_backoff_s"],
             max_backoff_s=max(options["retry_max_backoff_s"], options["retry_initial_backoff_s"]),
@@ -202,6 +208,20 @@ class DualTrackingStore(AbstractStore):
         if tracking_token_belongs_to_secondary(self._config.primary_uri, self._config.secondary_uri):
             store = without_tracking_token(store)
         return store
+
+    def gate_sub_stores(self, wrap_primary, wrap_secondary):
+        """Replace the sub-stores with ``wrap_primary(store)`` and ``wrap_secondary(store)``.
+
+        ``mlflow-azdual mirror`` paces its requests this way. Every later request of this store,
+        queued writes included, goes through the wrapped stores.
+        """
+        self.mapping  # Builds the sub-stores.
+        with self._build_lock:
+            self._primary = wrap_primary(self._primary)
+            self._primary_writer = wrap_primary(self._primary_writer)
+            self._secondary = wrap_secondary(self._secondary)
+            self._mapping._primary = self._primary
+            self._mapping._secondary = self._secondary
 
     def get_host_creds(self):
         """Return the primary's host credentials (MLflow uses them for links and tracing)."""
@@ -528,36 +548,18 @@ class DualTrackingStore(AbstractStore):
         depending on the ``param_overflow`` option. A param over the per-run cap is recorded as
         a dead letter. The primary has every param whole either way.
         """
-        from mlflow.entities import Param, RunTag
-
         profile = self.secondary_profile
         if not params or (profile.max_params_per_run is None and profile.max_param_value_chars is None):
             return params, []
-        kept, markers, rejected = [], [], []
-        limit = profile.max_param_value_chars
-        for param in params:
-            if limit is not None and len(param.value) > limit:
-                if self._config.options["param_overflow"] == "dead_letter":
-                    rejected.append((param, f"its value of {len(param.value)} characters is over "
-                                            f"the secondary's limit of {limit}"))
-                    continue
-                markers.append(RunTag(f"{TRUNCATED_PARAM_TAG_PREFIX}{param.key}", str(len(param.value))))
-                param = Param(param.key, param.value[:limit])
-            kept.append(param)
-        cap = profile.max_params_per_run
-        if cap is not None and kept:
+        known = None
+        if profile.max_params_per_run is not None:
             known = self._secondary_param_keys.get(run_id)
             if known is None:
                 known = set(self.secondary.get_run(secondary_run_id).data.params)
                 self._secondary_param_keys[run_id] = known
-            allowed = []
-            for param in kept:
-                if param.key in known or len(known) < cap:
-                    known.add(param.key)
-                    allowed.append(param)
-                else:
-                    rejected.append((param, f"the secondary takes at most {cap} params per run"))
-            kept = allowed
+        kept, markers, rejected = mirror_rules.fit_params(
+            profile, self._config.options["param_overflow"], params, known
+        )
         for param, reason in rejected:
             self.record_dead_letter(
                 "secondary", "log_param", run_id, {"key": param.key, "value": param.value},
@@ -576,7 +578,7 @@ class DualTrackingStore(AbstractStore):
         refused = self.secondary_profile.refused_tags
         if not refused:
             return list(tags)
-        kept = [tag for tag in tags if tag.key not in refused]
+        kept = mirror_rules.without_refused_tags(self.secondary_profile, tags)
         if len(kept) != len(tags):
             left_out = sorted({tag.key for tag in tags if tag.key in refused})
             self.mirror.record_unsupported(
@@ -817,61 +819,20 @@ class DualTrackingStore(AbstractStore):
             rest_batch.log_batch(self.secondary, mirror.run_id, [], [], again)
         return mirror
 
-    def _copy_run(self, primary_run, secondary_experiment_id) -> SecondaryRun:
-        """Create the mirror of a primary run that has none, with its params, tags and metrics.
+    def _copy_run(self, primary_run, secondary_experiment_id, partial=None) -> SecondaryRun:
+        """Create the mirror of a primary run that has none, or complete a partial copy.
 
-        Called by ``IdMapping`` for a run created before the plugin was in use. The copy is
-        shaped as live writes are: refused tags are left out, tags dropped at create_run are set
-        again afterwards, params go through ``_fit_params``, and the requests are split by the
-        secondary's batch limits.
-
-        NOTE: a copy that fails midway leaves a partial mirror, which the next lookup finds by
-        its primary run id tag and uses without copying the rest.
+        Called by ``IdMapping`` for a run created before the plugin was in use, on its first
+        write through the plugin. Params, tags, metric histories and status are copied
+        (``run_copy``). Artifacts are not: ``mlflow-azdual mirror`` copies them, so the mirror
+        is tagged ``azdual.copy_status=copied_except_artifacts`` as the copy's last request.
         """
-        from mlflow.entities import Metric, Param, RunTag
+        from mlflow_azdual import run_copy
+        from mlflow_azdual.id_mapping import COPIED_EXCEPT_ARTIFACTS
 
-        from mlflow_azdual.id_mapping import PRIMARY_RUN_ID_TAG, TAG_PREFIX
-
-        info = primary_run.info
-        _logger.info(
-            "mlflow-azdual: primary run %s has no mirror yet; copying it to the secondary",
-            info.run_id,
-        )
-        user_tags = [
-            RunTag(key, value)
-            for key, value in primary_run.data.tags.items()
-            if not key.startswith(TAG_PREFIX)
-        ]
-        tags = self._without_refused_tags(self.mapping.translate_run_tags(user_tags), "create_run")
-        created = self.secondary.create_run(
-            secondary_experiment_id,
-            info.user_id,
-            info.start_time,
-            tags + [RunTag(PRIMARY_RUN_ID_TAG, info.run_id)],
-            info.run_name,
-        )
-        secondary_id = created.info.run_id
-        again = [tag for tag in tags if tag.key in self.secondary_profile.dropped_at_create_run]
-
-        # In key order, so that a run over the per-run cap mirrors its first keys. The new
-        # mirror has no params yet, so _fit_params need not read it.
-        params = [Param(key, primary_run.data.params[key]) for key in sorted(primary_run.data.params)]
-        self._secondary_param_keys[info.run_id] = set()
-        params, marker_tags = self._fit_params(info.run_id, secondary_id, params)
-        metrics = [
-            Metric(point.key, point.value, point.timestamp, point.step)
-            for key in primary_run.data.metrics
-            for point in self.primary.get_metric_history(info.run_id, key)
-        ]
-        backfill = Write(0, info.run_id, metrics, params, again + marker_tags)
-        for batch in coalesce([backfill], self.backend_limits["secondary"]):
-            rest_batch.log_batch(self.secondary, secondary_id, batch.metrics, batch.params, batch.tags)
-
-        if info.status != "RUNNING" or info.end_time:
-            self.secondary.update_run_info(secondary_id, info.status, info.end_time, info.run_name)
-        if info.lifecycle_stage == "deleted":
-            self.secondary.delete_run(secondary_id)
-        return SecondaryRun(secondary_id, created.info.artifact_uri, backfilled=True)
+        mirror, _ = run_copy.copy_run_data(self, primary_run, secondary_experiment_id, partial)
+        run_copy.mark_copy(self, mirror.run_id, COPIED_EXCEPT_ARTIFACTS)
+        return dataclasses.replace(mirror, copy_status=COPIED_EXCEPT_ARTIFACTS)
 
     def get_run(self, run_id):
         self.flush_primary(run_id)
@@ -1253,7 +1214,6 @@ class DualTrackingStore(AbstractStore):
             self.secondary.log_logged_model_params(secondary_id, params)
 
 
-TRUNCATED_PARAM_TAG_PREFIX = "azdual.truncated_param."
 # GET_METRIC_HISTORY_MAX_RESULTS of MLflow 3.17: the page size MlflowClient.get_metric_history
 # reads with.
 CLIENT_HISTORY_PAGE_SIZE = 25_000

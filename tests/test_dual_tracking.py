@@ -16,6 +16,9 @@ from mlflow.exceptions import MlflowException
 
 from mlflow_azdual.experiment_names import disambiguate
 from mlflow_azdual.id_mapping import (
+    COPIED_EXCEPT_ARTIFACTS,
+    COPY_STATUS_TAG,
+    COPYING,
     PRIMARY_EXPERIMENT_NAME_TAG,
     PRIMARY_RUN_ID_TAG,
     SECONDARY_EXPERIMENT_ID_TAG,
@@ -256,6 +259,42 @@ def test_plain_run_copied_on_first_write(rig, dual):
         primary, run.info.run_id, "loss"
     )
     assert len(metric_points(secondary, mirror_id, "loss")) == 4
+    assert mirrored.data.tags[COPY_STATUS_TAG] == COPIED_EXCEPT_ARTIFACTS
+
+
+def test_partial_copy_completed_on_first_write(rig, dual):
+    """A copy cut short (its process killed) is completed, not used as if it were whole."""
+    primary, secondary = backend_clients(rig)
+    experiment_id = primary.create_experiment(unique_path())
+    run = primary.create_run(experiment_id, tags={"origin": "plain"})
+    run_id = run.info.run_id
+    primary.log_batch(run_id, params=[Param("alpha", "0.1"), Param("beta", "2")])
+    for step in range(5):
+        primary.log_metric(run_id, "loss", 1.0 - step / 10, step=step)
+    # What a copy killed after its first request leaves: the mirror, one param, two points.
+    mirror_experiment_id = secondary.create_experiment(
+        "partial-" + unique_path().split("/")[-2],
+        tags={"azdual.primary_experiment_id": experiment_id},
+    )
+    primary.set_experiment_tag(experiment_id, SECONDARY_EXPERIMENT_ID_TAG, mirror_experiment_id)
+    partial = secondary.create_run(
+        mirror_experiment_id, tags={PRIMARY_RUN_ID_TAG: run_id, COPY_STATUS_TAG: COPYING}
+    )
+    secondary.log_param(partial.info.run_id, "alpha", "0.1")
+    history = primary.get_metric_history(run_id, "loss")
+    secondary.log_batch(partial.info.run_id, metrics=sorted(history, key=lambda m: m.step)[:2])
+
+    dual.log_metric(run_id, "loss", 0.5, step=5)
+
+    assert secondary_run_id(primary, run_id) == partial.info.run_id
+    completed = secondary.get_run(partial.info.run_id)
+    assert completed.data.params == {"alpha": "0.1", "beta": "2"}
+    assert completed.data.tags["origin"] == "plain"
+    assert completed.data.tags[COPY_STATUS_TAG] == COPIED_EXCEPT_ARTIFACTS
+    assert metric_points(secondary, partial.info.run_id, "loss") == metric_points(
+        primary, run_id, "loss"
+    )
+    assert len(metric_points(secondary, partial.info.run_id, "loss")) == 6
 
 
 def test_secondary_down_mid_run(rig, dual, caplog):
