@@ -8,7 +8,7 @@ emulation. No rule was checked against a live service.
 
 Run it as `python -m rig.policy_proxy --profile azureml|databricks --target-port T
 [--listen-port P] [--control-port C] [--limits JSON] [--tls-cert-file F --tls-key-file K]
-[--strip-path-prefix REGEX]`. Port 0 lets the system pick a free port. Once both listeners are bound, the proxy prints one JSON line to stdout,
+[--strip-path-prefix REGEX] [--emulate-run-artifacts]`. Port 0 lets the system pick a free port. Once both listeners are bound, the proxy prints one JSON line to stdout,
 `{"listen_port": ..., "control_port": ...}`. It stops on SIGTERM or SIGINT.
 
 The proxy reads each request body in full, checks it against the profile, and then forwards
@@ -21,7 +21,9 @@ Azure ML clients reach it: with `--tls-cert-file` and `--tls-key-file` it serves
 with the environment variable RIG_PROXY_BEARER_TOKEN set it answers 401 to a request whose
 `Authorization` header is not `Bearer <that token>`, and never logs the token; with
 `--strip-path-prefix` it removes a leading match of the regular expression from each path
-(Azure ML's `/mlflow/v2.0/subscriptions/.../workspaces/<ws>`) before applying the rules.
+(Azure ML's `/mlflow/v2.0/subscriptions/.../workspaces/<ws>`) before applying the rules;
+with `--emulate-run-artifacts` it serves Azure ML's run artifact routes itself
+(rig.azureml_artifacts), after the token check.
 
 Control endpoint (GET only, one JSON object per response):
   /throttle?count=K&retry_after_s=S
@@ -415,6 +417,8 @@ class FrontDoor(NamedTuple):
     bearer_token: str | None = None
     # A regular expression; a match at the start of the path is removed.
     strip_path_prefix: re.Pattern | None = None
+    # The emulation of Azure ML's run artifact routes (rig.azureml_artifacts), or None.
+    run_artifacts: object | None = None
 
 
 class PolicyForwarder:
@@ -447,6 +451,9 @@ class PolicyForwarder:
                 401, "UNAUTHENTICATED",
                 "rig.policy_proxy: the request did not carry the expected bearer token.",
             )
+        if self.front.run_artifacts is not None and self.front.run_artifacts.matches(request.path):
+            self.state.routes["history/run-artifacts"] += 1
+            return await self.front.run_artifacts.handle(request)
         request = self._without_path_prefix(request)
         body = await request.read()
         match = MLFLOW_PATH.match(request.path)
@@ -743,6 +750,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--strip-path-prefix", type=re.compile,
                         help="regular expression; a match at the start of a request path is "
                         "removed before the rules apply")
+    parser.add_argument("--emulate-run-artifacts", action="store_true",
+                        help="serve the Azure ML run artifact routes that azureml-mlflow calls "
+                        "(rig.azureml_artifacts), with files in the Azurite account named by "
+                        "AZURE_STORAGE_CONNECTION_STRING")
     parser.add_argument("--log-level", default="INFO",
                         help="logging level of messages on stderr (default INFO)")
     args = parser.parse_args(argv)
@@ -762,9 +773,18 @@ def main(argv: list[str] | None = None) -> None:
     if args.tls_cert_file:
         ssl_context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
         ssl_context.load_cert_chain(args.tls_cert_file, args.tls_key_file)
+    run_artifacts = None
+    if args.emulate_run_artifacts:
+        connection_string = os.environ.get("AZURE_STORAGE_CONNECTION_STRING")
+        if not connection_string:
+            parser.error("--emulate-run-artifacts needs AZURE_STORAGE_CONNECTION_STRING (Azurite)")
+        from rig.azureml_artifacts import RunArtifactService
+
+        run_artifacts = RunArtifactService(connection_string)
     front = FrontDoor(
         bearer_token=os.environ.get(BEARER_TOKEN_ENV) or None,
         strip_path_prefix=args.strip_path_prefix,
+        run_artifacts=run_artifacts,
     )
     asyncio.run(
         run_proxy(
@@ -807,6 +827,7 @@ class PolicyProxy(ProxyProcess):
         tls: CertificateFiles | None = None,
         bearer_token: str | None = None,
         strip_path_prefix: str | None = None,
+        emulate_run_artifacts: bool = False,
         log_path: str | os.PathLike | None = None,
         startup_timeout_s: float = 10.0,
     ):
@@ -819,6 +840,7 @@ class PolicyProxy(ProxyProcess):
         self.tls = tls
         self.bearer_token = bearer_token
         self.strip_path_prefix = strip_path_prefix
+        self.emulate_run_artifacts = emulate_run_artifacts
         self.port: int | None = None
         self.control: PolicyProxyControl | None = None
 
@@ -853,6 +875,8 @@ class PolicyProxy(ProxyProcess):
                      "--tls-key-file", str(self.tls.key)]
         if self.strip_path_prefix is not None:
             argv += ["--strip-path-prefix", self.strip_path_prefix]
+        if self.emulate_run_artifacts:
+            argv.append("--emulate-run-artifacts")
         return argv
 
     def _environment(self) -> dict[str, str]:
