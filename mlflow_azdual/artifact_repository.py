@@ -81,10 +81,12 @@ class DualArtifactRepository(ArtifactRepository):
                 root = dual_uri.join(base, self.roots.sub_path)
             if root is None:
                 return None
-            config = self.store.config if self.store is not None else None
-            self._secondary = compat.build_artifact_repository(
-                root, config.secondary_uri if config else None
-            )
+            if self.store is None:
+                self._secondary = compat.build_artifact_repository(root)
+            else:
+                self._secondary = compat.build_artifact_repository(
+                    root, self.store.config.secondary_uri, tracking_store=self.store.secondary
+                )
         return self._secondary
 
     def _has_secondary(self) -> bool:

@@ -37,14 +37,19 @@ def build_registry_store(uri: str, tracking_uri: str):
     return builder(store_uri=uri)
 
 
-def build_artifact_repository(artifact_uri: str, tracking_uri=None, registry_uri=None):
+def build_artifact_repository(artifact_uri: str, tracking_uri=None, registry_uri=None,
+                              tracking_store=None):
     """Build the artifact repository for ``artifact_uri``, passing the URIs the version takes.
 
     ``tracking_uri=`` was added to MLflow's repository registry in 3.2, ``registry_uri=`` in 3.5.
+    ``tracking_store`` is the store of ``tracking_uri`` when the plugin has built it: an
+    ``azureml://`` repository then gets its Azure ML service context (azureml_service_context).
     """
     from mlflow.store.artifact.artifact_repository_registry import (
         get_artifact_repository,
     )
+
+    from mlflow_azdual import azureml_service_context
 
     parameters = _parameter_names(get_artifact_repository)
     keywords = {}
@@ -52,7 +57,8 @@ def build_artifact_repository(artifact_uri: str, tracking_uri=None, registry_uri
         keywords["tracking_uri"] = tracking_uri
     if "registry_uri" in parameters and registry_uri is not None:
         keywords["registry_uri"] = registry_uri
-    return get_artifact_repository(artifact_uri, **keywords)
+    with azureml_service_context.pinned(artifact_uri, tracking_store):
+        return get_artifact_repository(artifact_uri, **keywords)
 
 
 def artifact_repository_base_init(repository, artifact_uri, tracking_uri=None, registry_uri=None):

@@ -8,7 +8,9 @@ emulation. No rule was checked against a live service.
 
 Run it as `python -m rig.policy_proxy --profile azureml|databricks --target-port T
 [--listen-port P] [--control-port C] [--limits JSON] [--tls-cert-file F --tls-key-file K]
-[--strip-path-prefix REGEX] [--bearer-token-file F] [--dbfs-root DIR]`. Port 0 lets the system pick a free port. Once both listeners are bound, the proxy prints one JSON line to stdout,
+[--strip-path-prefix REGEX] [--bearer-token-file F] [--dbfs-root DIR]
+[--emulate-run-artifacts]`. Port 0 lets the system pick a free port. Once both listeners are
+bound, the proxy prints one JSON line to stdout,
 `{"listen_port": ..., "control_port": ...}`. It stops on SIGTERM or SIGINT.
 
 The proxy reads each request body in full, checks it against the profile, and then forwards
@@ -26,7 +28,8 @@ not `Bearer <that token>`, and never logs the token; with
 Under the databricks profile it responds itself to the Databricks SDK's discovery request
 `GET /.well-known/databricks-config`, which carries no token. With `--dbfs-root` it serves the
 DBFS calls of MLflow's DBFS artifact repository from files under that folder
-(`rig.dbfs_emulation`), after the token check.
+(`rig.dbfs_emulation`), after the token check. With `--emulate-run-artifacts` it serves
+Azure ML's run artifact routes itself (`rig.azureml_artifacts`), after the token check.
 
 Control endpoint (GET only, one JSON object per response):
   /throttle?count=K&retry_after_s=S
@@ -430,6 +433,8 @@ class FrontDoor(NamedTuple):
     strip_path_prefix: re.Pattern | None = None
     # The emulation that serves DBFS requests from local files. None forwards them as usual.
     dbfs: DbfsEmulation | None = None
+    # The emulation of Azure ML's run artifact routes (rig.azureml_artifacts), or None.
+    run_artifacts: object | None = None
 
 
 class PolicyForwarder:
@@ -464,6 +469,9 @@ class PolicyForwarder:
                 401, "UNAUTHENTICATED",
                 "rig.policy_proxy: the request did not carry the expected bearer token.",
             )
+        if self.front.run_artifacts is not None and self.front.run_artifacts.matches(request.path):
+            self.state.routes["history/run-artifacts"] += 1
+            return await self.front.run_artifacts.handle(request)
         request = self._without_path_prefix(request)
         if self.front.dbfs is not None and self.front.dbfs.handles(request.path):
             kind = "/dbfs" if request.path.startswith("/dbfs/") else request.path
@@ -770,6 +778,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--dbfs-root",
                         help="folder of the DBFS emulation: serve the DBFS calls of MLflow's "
                         "DBFS artifact repository from files under it")
+    parser.add_argument("--emulate-run-artifacts", action="store_true",
+                        help="serve the Azure ML run artifact routes that azureml-mlflow calls "
+                        "(rig.azureml_artifacts), with files in the Azurite account named by "
+                        "AZURE_STORAGE_CONNECTION_STRING")
     parser.add_argument("--log-level", default="INFO",
                         help="logging level of messages on stderr (default INFO)")
     args = parser.parse_args(argv)
@@ -795,10 +807,19 @@ def main(argv: list[str] | None = None) -> None:
             bearer_token = token_file.read().strip()
         if not bearer_token:
             parser.error(f"--bearer-token-file {args.bearer_token_file} is empty")
+    run_artifacts = None
+    if args.emulate_run_artifacts:
+        connection_string = os.environ.get("AZURE_STORAGE_CONNECTION_STRING")
+        if not connection_string:
+            parser.error("--emulate-run-artifacts needs AZURE_STORAGE_CONNECTION_STRING (Azurite)")
+        from rig.azureml_artifacts import RunArtifactService
+
+        run_artifacts = RunArtifactService(connection_string)
     front = FrontDoor(
         bearer_token=bearer_token,
         strip_path_prefix=args.strip_path_prefix,
         dbfs=DbfsEmulation(args.dbfs_root) if args.dbfs_root else None,
+        run_artifacts=run_artifacts,
     )
     asyncio.run(
         run_proxy(
@@ -842,6 +863,7 @@ class PolicyProxy(ProxyProcess):
         bearer_token: str | None = None,
         strip_path_prefix: str | None = None,
         dbfs_root: str | os.PathLike | None = None,
+        emulate_run_artifacts: bool = False,
         log_path: str | os.PathLike | None = None,
         startup_timeout_s: float = 10.0,
     ):
@@ -855,6 +877,7 @@ class PolicyProxy(ProxyProcess):
         self.bearer_token = bearer_token
         self.strip_path_prefix = strip_path_prefix
         self.dbfs_root = dbfs_root
+        self.emulate_run_artifacts = emulate_run_artifacts
         self.port: int | None = None
         self.control: PolicyProxyControl | None = None
 
@@ -891,6 +914,8 @@ class PolicyProxy(ProxyProcess):
             argv += ["--strip-path-prefix", self.strip_path_prefix]
         if self.dbfs_root is not None:
             argv += ["--dbfs-root", str(self.dbfs_root)]
+        if self.emulate_run_artifacts:
+            argv.append("--emulate-run-artifacts")
         return argv
 
     def _environment(self) -> dict[str, str]:

@@ -13,7 +13,10 @@ reaches Azure: the loopback guard is active in this process and in every child p
 What this proves and what it does not: azureml-mlflow's tracking and registry stores, its
 credential chain and its URI handling work with the plugin. The stand-in is a plain MLflow
 server, so run artifacts live under its `wasbs://` root and go through MLflow's Azure Blob
-repository, not through azureml-mlflow's artifact repository and Azure ML's artifact service.
+repository. The exceptions are the experiments that a test creates on the secondary with an
+`azureml://` artifact location, the form a workspace returns: their runs' artifacts go
+through azureml-mlflow's artifact repository to the front door's emulation of Azure ML's run
+artifact routes (rig.azureml_artifacts), with the files in Azurite.
 """
 
 import base64
@@ -88,7 +91,7 @@ class FrontDoor:
         self.token = token
         self.proxy = PolicyProxy(
             server_port, "azureml", tls=certificates, bearer_token=token,
-            strip_path_prefix=AZUREML_PREFIX,
+            strip_path_prefix=AZUREML_PREFIX, emulate_run_artifacts=True,
         )
 
     def start(self):
@@ -310,6 +313,111 @@ def test_registered_version_through_azureml_registry(dual_uri, front_door, secon
     assert versions[0].source.startswith("wasbs://")
     assert (loaded.predict(features[:5]) == model.predict(features[:5])).all()
     assert "model-versions/create" in registry_routes
+
+
+# Artifacts under an azureml:// root
+
+
+@pytest.fixture
+def azureml_root_experiment(front_door, secondary_server):
+    """A primary experiment path whose secondary experiment has an azureml:// artifact root.
+
+    The secondary experiment is made first, under the name the plugin maps the path to, so
+    the plugin adopts it. Its runs get `<root>/<run id>/artifacts`, the form of a workspace's
+    run artifact URI, which azureml-mlflow's artifact repository handles.
+    """
+    from mlflow_azdual.experiment_names import secondary_experiment_name
+
+    path = f"/Users/tester@example.com/azureml-artifacts-{uuid.uuid4().hex[:10]}"
+    name = secondary_experiment_name(path)
+    root = (
+        f"azureml://127.0.0.1:{front_door.proxy.port}/mlflow/v2.0{WORKSPACE_PATH}"
+        f"/experiments/{name}/runs"
+    )
+    secondary_server.create_experiment(name, artifact_location=root)
+    return path
+
+
+def azureml_artifact_repository(artifact_uri, front_door):
+    """Build azureml-mlflow's repository for ``artifact_uri`` the way a user of the workspace
+    does: with the workspace as MLflow's tracking URI, so it has the workspace's credentials."""
+    from azureml.mlflow._store.artifact.artifact_repo import AzureMLflowArtifactRepository
+
+    mlflow.set_tracking_uri(front_door.uri)
+    return AzureMLflowArtifactRepository(artifact_uri)
+
+
+def artifact_text(repository, path) -> str:
+    """Read an artifact through the content URI that azureml-mlflow's REST client returns.
+
+    NOTE: azureml-mlflow's download writes nothing for a content URI outside
+    `https://<account>.blob.<cloud storage suffix>/`, which a loopback Azurite URL is, so
+    the bytes are read with azure-storage-blob from the same URI.
+    """
+    from azure.storage.blob import BlobClient
+
+    client = repository.artifacts
+    information = client._client.run_artifacts.get_content_information(
+        subscription_id=SUBSCRIPTION, resource_group_name=RESOURCE_GROUP,
+        workspace_name=WORKSPACE, experiment_name=client._experiment_name,
+        run_id=client._run_id, path=path,
+    )
+    return BlobClient.from_blob_url(information.content_uri).download_blob().readall().decode()
+
+
+def test_artifacts_reach_azureml_root(dual_uri, front_door, secondary_server,
+                                      azureml_root_experiment, iris_model, tmp_path):
+    model, _ = iris_model
+    mlflow.set_experiment(azureml_root_experiment)
+    with mlflow.start_run() as run:
+        (tmp_path / "notes.txt").write_text("trained on iris\n")
+        (tmp_path / "plots").mkdir()
+        (tmp_path / "plots" / "curve.csv").write_text("step,loss\n0,1.0\n")
+        mlflow.log_artifact(str(tmp_path / "notes.txt"))
+        mlflow.log_artifacts(str(tmp_path / "plots"), artifact_path="plots")
+        mlflow.sklearn.log_model(model, name="model")
+    mirror_id = mirror_run_id(run.info.run_id)
+
+    mirror_root = secondary_server.get_run(mirror_id).info.artifact_uri
+    repository = azureml_artifact_repository(mirror_root, front_door)
+    top = {info.path for info in repository.list_artifacts(None)}
+    plots = {info.path for info in repository.list_artifacts("plots")}
+    model_files = {info.path for info in repository.list_artifacts("model")}
+
+    assert mirror_root.startswith(f"azureml://127.0.0.1:{front_door.proxy.port}/")
+    assert top == {"notes.txt", "plots", "model"}
+    assert plots == {"plots/curve.csv"}
+    assert "model/MLmodel" in model_files
+    assert artifact_text(repository, "notes.txt") == "trained on iris\n"
+    assert artifact_text(repository, "plots/curve.csv") == "step,loss\n0,1.0\n"
+    assert front_door.routes().get("history/run-artifacts", 0) >= 3
+    assert front_door.proxy.stats()["unauthenticated"] == 0
+
+
+def test_service_context_pinned_to_one_thread(dual_uri, front_door):
+    from concurrent.futures import ThreadPoolExecutor
+    from urllib.parse import urlparse
+
+    from azureml.mlflow._store.artifact import utils
+
+    from mlflow_azdual import azureml_service_context
+
+    secondary = dual_store(dual_uri).secondary
+    artifact_uri = (
+        f"azureml://127.0.0.1:{front_door.proxy.port}/mlflow/v2.0{WORKSPACE_PATH}"
+        "/experiments/train/runs/0123/artifacts"
+    )
+    parsed = urlparse(artifact_uri)
+    with azureml_service_context.pinned(artifact_uri, secondary):
+        in_block = utils.get_service_context(parsed)
+        with ThreadPoolExecutor(max_workers=1) as pool:
+            other_thread_error = pool.submit(utils.get_service_context, parsed).exception()
+    with pytest.raises(mlflow.exceptions.MlflowException) as after_block:
+        utils.get_service_context(parsed)
+
+    assert in_block is secondary.service_context
+    assert "authorization token was not set" in str(other_thread_error)
+    assert "authorization token was not set" in str(after_block.value)
 
 
 # Azure ML job credentials
