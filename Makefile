@@ -66,4 +66,4 @@ test: install
 # azureml-mlflow declares mlflow-skinny<=3.15.0, so its tests run in $(AZUREML_VENV), built
 # from $(AZUREML_CONSTRAINTS); in .venv they are skipped.
 test-azureml: $(AZUREML_INSTALLED) $(AZURITE)
-	$(AZUREML_BIN)/python -m pytest -p no:cacheprovider --timeout=600 -q $(AZUREML_PYTEST_ARGS) tests/test_azureml_client.py
+	$(AZUREML_BIN)/python -m pytest -p no:cacheprovider --timeout=600 -q $(AZUREML_PYTEST_ARGS) tests/test_azureml_client.py tests/test_azureml_deploy.py
