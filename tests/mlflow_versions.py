@@ -26,6 +26,11 @@ needs_logged_models = pytest.mark.skipif(
     reason=f"MLflow {MLFLOW_VERSION} has no logged models (MlflowClient.create_logged_model, 3.0+)",
 )
 
+needs_tracing = pytest.mark.skipif(
+    not hasattr(mlflow, "trace"),
+    reason=f"MLflow {MLFLOW_VERSION} has no tracing (mlflow.trace)",
+)
+
 needs_delete_experiment_tag = pytest.mark.skipif(
     not hasattr(MlflowClient, "delete_experiment_tag"),
     reason=f"MLflow {MLFLOW_VERSION} has no MlflowClient.delete_experiment_tag",
@@ -64,3 +69,9 @@ def run_info(run_id: str, **fields) -> RunInfo:
     if "run_uuid" in inspect.signature(RunInfo.__init__).parameters:
         return RunInfo(run_uuid=run_id, run_id=run_id, **fields)
     return RunInfo(run_id=run_id, **fields)
+
+
+def flush_traces() -> None:
+    """Wait for asynchronous trace export, on versions that have ``flush_trace_async_logging``."""
+    if hasattr(mlflow, "flush_trace_async_logging"):
+        mlflow.flush_trace_async_logging()

@@ -100,7 +100,7 @@ def test_registered_model_version_on_both(rig, dual, iris_model):
     mlflow.set_experiment(unique_path())
 
     with mlflow.start_run():
-        info = log_sklearn_model(model, "model", registered_model_name=name)
+        log_sklearn_model(model, "model", registered_model_name=name)
     assert mlflow_azdual.flush(timeout_s=120)
 
     primary_version = primary.get_model_version(name, "1")
@@ -124,7 +124,7 @@ def test_registered_model_version_on_both(rig, dual, iris_model):
     assert np.array_equal(by_name.predict(features[:3]), model.predict(features[:3]))
     by_alias = mlflow.pyfunc.load_model(f"models:/{name}@champion")
     assert np.array_equal(by_alias.predict(features[:3]), model.predict(features[:3]))
-    assert str(info.registered_model_version) == "1"
+    assert [str(v.version) for v in primary.search_model_versions(f"name='{name}'")] == ["1"]
 
 
 def test_register_model_from_runs_uri(rig, dual, iris_model):
