@@ -41,7 +41,13 @@ rig-up: install
 rig-down:
 	$(BIN)/python -m rig down --state-dir $(RIG_STATE_DIR)
 
-# The test session starts its own rig in a temporary folder and stops it at the end.
+# The whole suite runs on the MLflow of .venv (the newest that pip resolves), then the tests
+# marked `smoke` run on each older MLflow version of noxfile.py, in virtualenvs under .nox/.
+# `make test MATRIX=` skips the older versions. Each test session starts its own rig in a
+# temporary folder and stops it at the end.
+MATRIX ?= matrix
+
 test: install
-	$(BIN)/ruff check --quiet --select F,E9 mlflow_azdual tests rig examples benchmarks
+	$(BIN)/ruff check --quiet --select F,E9 mlflow_azdual tests rig examples benchmarks noxfile.py
 	$(BIN)/python -m pytest -p no:cacheprovider --timeout=600 -q $(PYTEST_ARGS) tests
+	$(if $(MATRIX),$(BIN)/nox --tags $(MATRIX))
