@@ -64,12 +64,15 @@ def artifact_repository(artifact_uri: str, tracking_uri: str):
 
 
 def download_artifacts(client, run_id: str, path: str, dst_path: str) -> str:
-    """Download a run's artifact into ``dst_path``, creating the folder first.
+    """Download a run's artifact into ``dst_path`` from the run's artifact location.
 
-    MLflow 3 creates a missing destination folder, MLflow 2 raises.
+    The folder is created first because MLflow 2 raises on a missing one. The repository is
+    built from the run's artifact URI because ``MlflowClient.download_artifacts`` of MLflow
+    3.0.1 reads the run through the active tracking URI, not the client's.
     """
     os.makedirs(dst_path, exist_ok=True)
-    return client.download_artifacts(run_id, path, dst_path)
+    repository = artifact_repository(client.get_run(run_id).info.artifact_uri, client.tracking_uri)
+    return repository.download_artifacts(path, dst_path)
 
 
 def run_info(run_id: str, **fields) -> RunInfo:

@@ -17,7 +17,7 @@ from mlflow_azdual.id_mapping import SECONDARY_MODEL_ID_TAG
 from mlflow_azdual.registry_store import SECONDARY_VERSION_TAG
 from mlflow_azdual.uri import explicit_tracking_uri
 from tests.dual_helpers import backend_clients, secondary_run_id, unique_path
-from tests.mlflow_versions import needs_logged_models
+from tests.mlflow_versions import download_artifacts, needs_logged_models
 
 pytestmark = needs_logged_models
 
@@ -63,7 +63,7 @@ def test_registered_log_model_loads_on_both(rig, dual, iris_model, tmp_path):
     assert recorded == f"runs:/{mirror_id}/model"
     assert missing_route_rejections(rig) == rejections_before
 
-    mlmodel_path = secondary.download_artifacts(mirror_id, "model/MLmodel", str(tmp_path))
+    mlmodel_path = download_artifacts(secondary, mirror_id, "model/MLmodel", str(tmp_path))
     with open(mlmodel_path) as mlmodel_file:
         mlmodel = yaml.safe_load(mlmodel_file)
     assert mlmodel["run_id"] == mirror_id
