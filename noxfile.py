@@ -57,7 +57,7 @@ PYTEST_COMMAND = ("python", "-m", "pytest", "-p", "no:cacheprovider", "--timeout
 def run_suite(session: nox.Session, mlflow_version: str, pins: tuple) -> None:
     """Install the package with one MLflow version, then run the smoke tests or the arguments.
 
-    MLflow 2.9 to 2.20 do not require ``mlflow-skinny``, so without the ``mlflow-skinny`` pin
+    MLflow 2.9.2 and 2.13.1 do not require ``mlflow-skinny``, so without the ``mlflow-skinny`` pin
     the package's own ``mlflow-skinny`` requirement would install the newest one, whose files
     overwrite those of the ``mlflow`` distribution.
     """
