@@ -9,13 +9,6 @@ AZURITE := .rig/node/node_modules/.bin/azurite-blob
 AZURITE_VERSION := 3.37.0
 RIG_STATE_DIR := .rig/state
 PYTEST_ARGS ?=
-AZUREML_PYTEST_ARGS ?=
-# A second virtualenv pinned to the newest MLflow that azureml-mlflow supports, for the tests
-# that go through azureml-mlflow's own client.
-AZUREML_VENV := .venv-azureml
-AZUREML_BIN := $(AZUREML_VENV)/bin
-AZUREML_INSTALLED := $(AZUREML_VENV)/.installed
-AZUREML_CONSTRAINTS := constraints/azureml.txt
 
 export MLFLOW_DISABLE_TELEMETRY := true
 export DO_NOT_TRACK := true
@@ -28,14 +21,6 @@ $(BIN)/python:
 $(INSTALLED): setup.cfg pyproject.toml | $(BIN)/python
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet -e '.[dev]'
-	touch $@
-
-$(AZUREML_BIN)/python:
-	$(PYTHON) -m venv $(AZUREML_VENV)
-
-$(AZUREML_INSTALLED): setup.cfg pyproject.toml $(AZUREML_CONSTRAINTS) | $(AZUREML_BIN)/python
-	$(AZUREML_BIN)/python -m pip install --quiet --upgrade pip
-	$(AZUREML_BIN)/python -m pip install --quiet --constraint $(AZUREML_CONSTRAINTS) -e '.[azure,dev]'
 	touch $@
 
 $(AZURITE):
@@ -56,14 +41,20 @@ rig-up: install
 rig-down:
 	$(BIN)/python -m rig down --state-dir $(RIG_STATE_DIR)
 
-# The test session starts its own rig in a temporary folder and stops it at the end.
-# The tests through azureml-mlflow's own client follow, in their pinned virtualenv.
-test: install
-	$(BIN)/ruff check --quiet --select F,E9 mlflow_azdual tests rig examples benchmarks
-	$(BIN)/python -m pytest -p no:cacheprovider --timeout=600 -q $(PYTEST_ARGS) tests
-	$(MAKE) test-azureml
+# The whole suite runs on the MLflow of .venv (the newest that pip resolves). Then noxfile.py's
+# sessions tagged `matrix` run in virtualenvs under .nox/: the tests marked `smoke` on each
+# older MLflow version, and the tests through azureml-mlflow's own client on the newest MLflow
+# it supports. `make test MATRIX=` skips them. Each test session starts its own rig in a
+# temporary folder and stops it at the end.
+MATRIX ?= matrix
 
-# azureml-mlflow declares mlflow-skinny<=3.15.0, so its tests run in $(AZUREML_VENV), built
-# from $(AZUREML_CONSTRAINTS); in .venv they are skipped.
-test-azureml: $(AZUREML_INSTALLED) $(AZURITE)
-	$(AZUREML_BIN)/python -m pytest -p no:cacheprovider --timeout=600 -q $(AZUREML_PYTEST_ARGS) tests/test_azureml_client.py tests/test_azureml_deploy.py
+test: install
+	$(BIN)/ruff check --quiet --select F,E9 mlflow_azdual tests rig examples benchmarks noxfile.py
+	$(BIN)/python -m pytest -p no:cacheprovider --timeout=600 -q $(PYTEST_ARGS) tests
+	$(if $(MATRIX),$(BIN)/nox --tags $(MATRIX))
+
+# Only the tests through azureml-mlflow's own client. azureml-mlflow declares
+# mlflow-skinny<=3.15.0, so they run in the nox session `azureml`, built from
+# constraints/azureml.txt; in .venv they are skipped.
+test-azureml: install
+	$(BIN)/nox -s azureml

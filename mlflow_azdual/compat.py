@@ -87,6 +87,18 @@ def add_databricks_profile(artifact_uri: str, tracking_uri: str) -> str:
     return add_databricks_profile_info_to_artifact_uri(artifact_uri, tracking_uri)
 
 
+def drain_mlflow_async_queue(store) -> None:
+    """Send what MLflow's own async logging queue holds for ``store`` through ``log_batch``.
+
+    MLflow 2.16+ drains the queue in ``end_run`` before ending the run. 2.13 to 2.15 end the run
+    without it, so a ``log_param`` queued by ``MLFLOW_ENABLE_ASYNC_LOGGING`` arrived after the
+    run's end. The queue of 2.9 has no ``flush`` and is left alone.
+    """
+    queue = getattr(store, "_async_logging_queue", None)
+    if queue is not None and hasattr(queue, "flush") and queue.is_active():
+        queue.flush()
+
+
 @functools.lru_cache(maxsize=None)
 def _parameter_names(function) -> frozenset:
     try:

@@ -50,7 +50,8 @@ TRACKING_PRIMARY_ONLY_WRITES = frozenset(
     remove_dataset_from_experiments remove_guardrail_from_endpoint
     remove_items_from_review_queue set_dataset_tags set_gateway_endpoint_tag
     set_mcp_server_alias set_mcp_server_tag set_mcp_server_version_tag set_model_versions_tags
-    set_review_queue_item_status set_trace_tag start_trace end_trace unlink_traces_from_run
+    set_review_queue_item_status set_trace_tag start_trace start_trace_v3 end_trace
+    unlink_traces_from_run
     update_assessment update_budget_policy update_endpoint_guardrail_config
     update_gateway_endpoint update_gateway_model_definition update_gateway_secret update_issue
     update_label_schema update_mcp_access_endpoint update_mcp_server update_mcp_server_version

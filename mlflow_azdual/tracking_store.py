@@ -862,6 +862,7 @@ class DualTrackingStore(AbstractStore):
         return self.primary._search_runs(*args, **kwargs)
 
     def update_run_info(self, run_id, run_status, end_time, run_name):
+        compat.drain_mlflow_async_queue(self)
         self._flush_before_end(run_id)
         info = self.primary.update_run_info(run_id, run_status, end_time, run_name)
         self.enqueue_secondary(

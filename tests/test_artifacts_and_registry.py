@@ -7,12 +7,12 @@ Databricks and Azure ML keep them in their own cloud storage.
 import mlflow
 import numpy as np
 import pytest
-from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
 
 import mlflow_azdual
 from mlflow_azdual.artifact_uri import is_dual_artifact_uri, resolve
 from mlflow_azdual.registry_store import PRIMARY_VERSION_TAG, SECONDARY_VERSION_TAG
 from tests.dual_helpers import backend_clients, secondary_run_id, unique_path
+from tests.mlflow_versions import artifact_repository, download_artifacts, log_sklearn_model
 
 
 def artifact_paths(client, run_id, path=None):
@@ -21,7 +21,7 @@ def artifact_paths(client, run_id, path=None):
     MLflow 3's ``client.list_artifacts(run_id, sub_path)`` also searches logged models, an API
     that the Azure ML stand-in does not have, so the run's storage is listed directly.
     """
-    repository = get_artifact_repository(
+    repository = artifact_repository(
         client.get_run(run_id).info.artifact_uri, tracking_uri=client.tracking_uri
     )
     return _list_files(repository, path)
@@ -37,6 +37,7 @@ def _list_files(repository, path):
     return sorted(paths)
 
 
+@pytest.mark.smoke
 def test_run_artifact_uri_is_dual(rig, dual):
     mlflow.set_experiment(unique_path())
     with mlflow.start_run() as run:
@@ -52,6 +53,7 @@ def test_run_artifact_uri_is_dual(rig, dual):
     assert roots.primary == resolve(early_uri).primary
 
 
+@pytest.mark.smoke
 def test_log_artifacts_land_in_both_stores(rig, dual, tmp_path):
     primary, secondary = backend_clients(rig)
     (tmp_path / "report.txt").write_text("accuracy 0.97\n")
@@ -67,18 +69,19 @@ def test_log_artifacts_land_in_both_stores(rig, dual, tmp_path):
     expected = ["plots/loss.csv", "report.txt"]
     assert artifact_paths(primary, run.info.run_id) == expected
     assert artifact_paths(secondary, mirror_id) == expected
-    downloaded = secondary.download_artifacts(mirror_id, "report.txt", str(tmp_path / "out"))
+    downloaded = download_artifacts(secondary, mirror_id, "report.txt", str(tmp_path / "out"))
     assert open(downloaded).read() == "accuracy 0.97\n"
     assert artifact_paths(dual, run.info.run_id) == expected
 
 
+@pytest.mark.smoke
 def test_model_loads_through_runs_uri(rig, dual, iris_model):
     primary, secondary = backend_clients(rig)
     model, features = iris_model
     mlflow.set_experiment(unique_path())
 
     with mlflow.start_run() as run:
-        mlflow.sklearn.log_model(model, name="model")
+        log_sklearn_model(model, "model")
 
     loaded = mlflow.pyfunc.load_model(f"runs:/{run.info.run_id}/model")
     assert np.array_equal(loaded.predict(features[:5]), model.predict(features[:5]))
@@ -86,6 +89,7 @@ def test_model_loads_through_runs_uri(rig, dual, iris_model):
     assert secondary.get_run(mirror_id).info.status == "FINISHED"
 
 
+@pytest.mark.smoke
 def test_registered_model_version_on_both(rig, dual, iris_model):
     primary, secondary = backend_clients(rig)
     model, features = iris_model
@@ -96,7 +100,7 @@ def test_registered_model_version_on_both(rig, dual, iris_model):
     mlflow.set_experiment(unique_path())
 
     with mlflow.start_run():
-        info = mlflow.sklearn.log_model(model, name="model", registered_model_name=name)
+        log_sklearn_model(model, "model", registered_model_name=name)
     assert mlflow_azdual.flush(timeout_s=120)
 
     primary_version = primary.get_model_version(name, "1")
@@ -120,7 +124,7 @@ def test_registered_model_version_on_both(rig, dual, iris_model):
     assert np.array_equal(by_name.predict(features[:3]), model.predict(features[:3]))
     by_alias = mlflow.pyfunc.load_model(f"models:/{name}@champion")
     assert np.array_equal(by_alias.predict(features[:3]), model.predict(features[:3]))
-    assert str(info.registered_model_version) == "1"
+    assert [str(v.version) for v in primary.search_model_versions(f"name='{name}'")] == ["1"]
 
 
 def test_register_model_from_runs_uri(rig, dual, iris_model):
@@ -129,7 +133,7 @@ def test_register_model_from_runs_uri(rig, dual, iris_model):
     name = "iris-runs-" + unique_path().split("/")[-2]
     mlflow.set_experiment(unique_path())
     with mlflow.start_run() as run:
-        mlflow.sklearn.log_model(model, name="model")
+        log_sklearn_model(model, "model")
 
     version = mlflow.register_model(f"runs:/{run.info.run_id}/model", name)
     assert mlflow_azdual.flush(timeout_s=120)
@@ -157,7 +161,7 @@ def test_download_falls_back_to_secondary(rig, dual, tmp_path, caplog):
     s3.delete_object(Bucket=bucket, Key=f"{prefix}/weights.bin")
     caplog.set_level(logging.WARNING, logger="mlflow_azdual")
 
-    local = dual.download_artifacts(run.info.run_id, "weights.bin", str(tmp_path / "out"))
+    local = download_artifacts(dual, run.info.run_id, "weights.bin", str(tmp_path / "out"))
 
     assert open(local, "rb").read() == b"\x00\x01\x02"
     assert any("secondary's copy was used" in record.getMessage() for record in caplog.records)
@@ -183,6 +187,7 @@ def test_missing_artifact_raises_primary_error(rig, dual, tmp_path, caplog):
     assert not [record for record in caplog.records if "secondary's copy" in record.getMessage()]
 
 
+@pytest.mark.smoke
 def test_stage_transition_and_model_tags_on_both(rig, dual):
     primary, secondary = backend_clients(rig)
     name = "staged-" + unique_path().split("/")[-2]

@@ -1,7 +1,7 @@
 """The plugin through azureml-mlflow's own client, against the rig's Azure ML stand-in.
 
 These tests need azureml-mlflow, which declares mlflow-skinny<=3.15.0, so they run in the
-environment that `make test-azureml` builds (.venv-azureml, MLflow 3.15.0) and are skipped
+environment of the nox session `azureml` (MLflow 3.15.0; `make test-azureml`) and are skipped
 elsewhere. The secondary is an `azureml://127.0.0.1:<port>/mlflow/v1.0/subscriptions/...`
 URI. azureml-mlflow turns it into `https://127.0.0.1:<port>/mlflow/v2.0/subscriptions/...`
 requests with a bearer token, so an https policy proxy with the azureml profile stands in
@@ -31,8 +31,8 @@ import pytest
 
 pytest.importorskip(
     "azureml.mlflow",
-    reason="azureml-mlflow is not installed here; `make test-azureml` runs these tests in "
-    ".venv-azureml, pinned to MLflow 3.15.0, the newest that azureml-mlflow supports",
+    reason="azureml-mlflow is not installed here; `make test-azureml` runs these tests in the "
+    "nox session azureml, pinned to MLflow 3.15.0, the newest that azureml-mlflow supports",
 )
 
 import mlflow  # noqa: E402

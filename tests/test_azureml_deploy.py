@@ -24,8 +24,8 @@ import pytest
 
 pytest.importorskip(
     "azureml.mlflow",
-    reason="azureml-mlflow is not installed here; `make test-azureml` runs these tests in "
-    ".venv-azureml, pinned to MLflow 3.15.0, the newest that azureml-mlflow supports",
+    reason="azureml-mlflow is not installed here; `make test-azureml` runs these tests in the "
+    "nox session azureml, pinned to MLflow 3.15.0, the newest that azureml-mlflow supports",
 )
 
 import mlflow  # noqa: E402

@@ -11,6 +11,8 @@ from mlflow.entities import ExperimentTag, Metric, Param, RunTag
 from mlflow_azdual.coalesce import LOG_BATCH, Write
 from mlflow_azdual.codec import decode_write, encode_write
 
+pytestmark = pytest.mark.smoke
+
 # MLflow 3 added logged models, and the model_id and dataset fields of Metric.
 needs_mlflow_3 = pytest.mark.skipif(
     not hasattr(mlflow.entities, "LoggedModelInput"), reason="needs MLflow 3 logged models"

@@ -10,6 +10,8 @@ from mlflow.store.tracking.rest_store import RestStore
 
 from mlflow_azdual import compat
 
+pytestmark = pytest.mark.smoke
+
 
 def _no_credentials():
     raise AssertionError("looking up an endpoint must not build credentials")

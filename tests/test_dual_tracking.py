@@ -33,8 +33,10 @@ from tests.dual_helpers import (
     unique_path,
     user_tags,
 )
+from tests.mlflow_versions import needs_delete_experiment_tag
 
 
+@pytest.mark.smoke
 def test_fluent_run_lands_on_both(rig, dual):
     primary, secondary = backend_clients(rig)
     path = unique_path("baseline")
@@ -78,6 +80,7 @@ def test_set_experiment_twice_reuses_experiment(rig, dual):
     assert first.experiment_id == second.experiment_id
 
 
+@pytest.mark.smoke
 def test_client_log_batch_lands_on_both(rig, dual):
     primary, secondary = backend_clients(rig)
     experiment_id = dual.create_experiment(unique_path())
@@ -109,16 +112,27 @@ def test_delete_tag_on_both(rig, dual):
     assert "stage" not in secondary.get_run(mirror_id).data.tags
 
 
+@pytest.mark.smoke
 def test_experiment_tags_on_both(rig, dual):
     primary, secondary = backend_clients(rig)
     experiment_id = dual.create_experiment(unique_path(), tags={"owner": "ana"})
     dual.set_experiment_tag(experiment_id, "stage", "dev")
-    dual.set_experiment_tag(experiment_id, "temporary", "1")
-    dual.delete_experiment_tag(experiment_id, "temporary")
 
     mirrored = secondary_experiment(secondary, experiment_id)
     assert mirrored.tags["owner"] == "ana"
     assert mirrored.tags["stage"] == "dev"
+    assert primary.get_experiment(experiment_id).tags["stage"] == "dev"
+
+
+@needs_delete_experiment_tag
+@pytest.mark.smoke
+def test_delete_experiment_tag_on_both(rig, dual):
+    primary, secondary = backend_clients(rig)
+    experiment_id = dual.create_experiment(unique_path())
+    dual.set_experiment_tag(experiment_id, "temporary", "1")
+    dual.delete_experiment_tag(experiment_id, "temporary")
+
+    mirrored = secondary_experiment(secondary, experiment_id)
     assert "temporary" not in mirrored.tags
     assert "temporary" not in primary.get_experiment(experiment_id).tags
 
@@ -297,6 +311,7 @@ def test_partial_copy_completed_on_first_write(rig, dual):
     assert len(metric_points(secondary, partial.info.run_id, "loss")) == 6
 
 
+@pytest.mark.smoke
 def test_secondary_down_mid_run(rig, dual, caplog):
     primary, secondary = backend_clients(rig)
     mlflow.set_experiment(unique_path())

@@ -3,15 +3,16 @@
 import time
 
 import pytest
-from mlflow.entities import Run, RunData, RunInfo, RunTag
+from mlflow.entities import Run, RunData, RunTag
 
 from mlflow_azdual.id_mapping import CREATED_THROUGH_PLUGIN_TAG, MIRROR_CREATION_GRACE_S, IdMapping
 from mlflow_azdual.retry import NotReadyError
+from tests.mlflow_versions import run_info
 
 
 def _run(age_s, status="RUNNING", through_plugin=True):
-    info = RunInfo(
-        run_id="r1", experiment_id="0", user_id="u", status=status,
+    info = run_info(
+        "r1", experiment_id="0", user_id="u", status=status,
         start_time=int((time.time() - age_s) * 1000), end_time=None, lifecycle_stage="active",
     )
     tags = [RunTag(CREATED_THROUGH_PLUGIN_TAG, "true")] if through_plugin else []

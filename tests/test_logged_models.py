@@ -8,6 +8,7 @@ keeps such a model as artifacts of the secondary run and registers versions from
 
 import mlflow
 import numpy as np
+import pytest
 import yaml
 from mlflow import MlflowClient
 
@@ -16,6 +17,9 @@ from mlflow_azdual.id_mapping import SECONDARY_MODEL_ID_TAG
 from mlflow_azdual.registry_store import SECONDARY_VERSION_TAG
 from mlflow_azdual.uri import explicit_tracking_uri
 from tests.dual_helpers import backend_clients, secondary_run_id, unique_path
+from tests.mlflow_versions import download_artifacts, needs_logged_models
+
+pytestmark = needs_logged_models
 
 
 def load_through(uri, model_uri):
@@ -35,6 +39,7 @@ def missing_route_rejections(rig):
     return stats["rejected"].get("missing_routes", 0)
 
 
+@pytest.mark.smoke
 def test_registered_log_model_loads_on_both(rig, dual, iris_model, tmp_path):
     primary, secondary = backend_clients(rig)
     model, features = iris_model
@@ -58,7 +63,7 @@ def test_registered_log_model_loads_on_both(rig, dual, iris_model, tmp_path):
     assert recorded == f"runs:/{mirror_id}/model"
     assert missing_route_rejections(rig) == rejections_before
 
-    mlmodel_path = secondary.download_artifacts(mirror_id, "model/MLmodel", str(tmp_path))
+    mlmodel_path = download_artifacts(secondary, mirror_id, "model/MLmodel", str(tmp_path))
     with open(mlmodel_path) as mlmodel_file:
         mlmodel = yaml.safe_load(mlmodel_file)
     assert mlmodel["run_id"] == mirror_id

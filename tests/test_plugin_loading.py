@@ -2,6 +2,8 @@
 
 MLflow turns an ImportError in a plugin into a UserWarning and goes on without it, so these
 tests import mlflow in a new process with warnings as errors and check the stores in use.
+MLflow 2.9 and 2.13 import ``pkg_resources``, whose deprecation UserWarning from recent
+setuptools releases is ignored.
 """
 
 import json
@@ -9,9 +11,14 @@ import os
 import subprocess
 import sys
 
+import pytest
+
+pytestmark = pytest.mark.smoke
+
 PROBE = r"""
 import json, warnings
 warnings.simplefilter("error", UserWarning)
+warnings.filterwarnings("ignore", message="pkg_resources is deprecated", category=UserWarning)
 import mlflow
 from mlflow.tracking._tracking_service.utils import _get_store
 from mlflow.tracking._model_registry.utils import _get_store as _get_registry_store
@@ -55,6 +62,7 @@ def test_store_module_imported_before_mlflow(tmp_path):
     script = (
         "import warnings\n"
         "warnings.simplefilter('error', UserWarning)\n"
+        "warnings.filterwarnings('ignore', message='pkg_resources is deprecated')\n"
         "import mlflow_azdual.tracking_store\n"
         "from mlflow.tracking._tracking_service.utils import _tracking_store_registry\n"
         "print(_tracking_store_registry.get_store_builder('azdual:').__module__)\n"

@@ -8,6 +8,7 @@ fail on any that the dual stores neither implement nor route through a table.
 
 import inspect
 
+import pytest
 from mlflow.store.model_registry.abstract_store import AbstractStore as RegistryAbstractStore
 from mlflow.store.model_registry.rest_store import RestStore as RegistryRestStore
 from mlflow.store.tracking.abstract_store import AbstractStore as TrackingAbstractStore
@@ -17,6 +18,8 @@ from mlflow_azdual import routing
 from mlflow_azdual.compat import public_methods
 from mlflow_azdual.registry_store import DualRegistryStore
 from mlflow_azdual.tracking_store import DualTrackingStore
+
+pytestmark = pytest.mark.smoke
 
 
 def unrouted(store_class, base_classes, tables):

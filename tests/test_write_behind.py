@@ -34,6 +34,7 @@ def slow_dual(rig):
         mlflow.end_run()
 
 
+@pytest.mark.smoke
 def test_run_finished_only_after_its_metrics(rig, slow_dual):
     primary, secondary = backend_clients(rig)
     mlflow.set_experiment(unique_path())
@@ -62,6 +63,7 @@ def test_tag_set_and_delete_keep_order(rig, slow_dual):
     assert "scratch" not in mirror.data.tags
 
 
+@pytest.mark.smoke
 def test_read_your_writes(rig, slow_dual):
     primary, _ = backend_clients(rig)
     run = slow_dual.create_run(slow_dual.create_experiment(unique_path()))
@@ -83,6 +85,7 @@ def test_search_runs_sees_queued_metrics(rig, slow_dual):
     assert [r.info.run_id for r in found] == [run.info.run_id]
 
 
+@pytest.mark.smoke
 def test_exit_without_end_run_sends_everything(rig, subprocess_env):
     primary, secondary = backend_clients(rig)
     experiment_id = primary.create_experiment(unique_path())
@@ -188,6 +191,7 @@ def test_bad_metric_raises_at_call_site(rig, slow_dual):
     assert [point[:2] for point in metric_points(secondary, mirror_id, "loss")] == [(0, 1.0)]
 
 
+@pytest.mark.smoke
 def test_mlflow_async_logging_ends_in_buffer(rig, slow_dual, monkeypatch):
     primary, secondary = backend_clients(rig)
     monkeypatch.setenv("MLFLOW_ENABLE_ASYNC_LOGGING", "true")
