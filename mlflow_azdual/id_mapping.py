@@ -217,21 +217,13 @@ class IdMapping:
         return translated
 
     def _resolve_run(self, primary_id: str) -> SecondaryRun:
-        from mlflow.exceptions import MlflowException
-
         primary_run = self._primary.get_run(primary_id)
-        recorded_id = primary_run.data.tags.get(SECONDARY_RUN_ID_TAG)
-        if recorded_id:
-            try:
-                candidate = self._secondary.get_run(recorded_id)
-            except MlflowException:
-                candidate = None
-            if candidate is not None and candidate.data.tags.get(PRIMARY_RUN_ID_TAG) == primary_id:
-                mirror = _secondary_run_of(candidate)
-                if mirror.copy_status != COPYING:
-                    return mirror
-                experiment_id = self.secondary_experiment_id(primary_run.info.experiment_id)
-                return self._copy_run(primary_run, experiment_id, mirror)
+        mirror = self._recorded_mirror(primary_run)
+        if mirror is not None:
+            if mirror.copy_status != COPYING:
+                return mirror
+            experiment_id = self.secondary_experiment_id(primary_run.info.experiment_id)
+            return self._copy_run(primary_run, experiment_id, mirror)
 
         mirror = self._find_secondary_run(primary_id, primary_run.info.experiment_id)
         if mirror is None:
@@ -245,27 +237,34 @@ class IdMapping:
         self._record_run_mapping(primary_id, mirror.run_id)
         return mirror
 
+    def _recorded_mirror(self, primary_run) -> Optional[SecondaryRun]:
+        """Return the mirror that the ``azdual.secondary_run_id`` tag names, if it points back."""
+        from mlflow.exceptions import MlflowException
+
+        recorded_id = primary_run.data.tags.get(SECONDARY_RUN_ID_TAG)
+        if not recorded_id:
+            return None
+        try:
+            candidate = self._secondary.get_run(recorded_id)
+        except MlflowException:
+            return None
+        if candidate.data.tags.get(PRIMARY_RUN_ID_TAG) != primary_run.info.run_id:
+            return None
+        return _secondary_run_of(candidate)
+
     def find_secondary_run(self, primary_run) -> Optional[SecondaryRun]:
         """Return the mirror of ``primary_run`` (a Run) without creating or completing it.
 
         Looks at the run's ``azdual.secondary_run_id`` tag first, then searches the
         secondary experiment; None when the experiment or the run has no mirror there.
         """
-        from mlflow.exceptions import MlflowException
-
-        primary_id = primary_run.info.run_id
-        recorded_id = primary_run.data.tags.get(SECONDARY_RUN_ID_TAG)
-        if recorded_id:
-            try:
-                candidate = self._secondary.get_run(recorded_id)
-            except MlflowException:
-                candidate = None
-            if candidate is not None and candidate.data.tags.get(PRIMARY_RUN_ID_TAG) == primary_id:
-                return _secondary_run_of(candidate)
+        mirror = self._recorded_mirror(primary_run)
+        if mirror is not None:
+            return mirror
         experiment_id = self.find_secondary_experiment_id(primary_run.info.experiment_id)
         if experiment_id is None:
             return None
-        return self._search_secondary_run(primary_id, experiment_id)
+        return self._search_secondary_run(primary_run.info.run_id, experiment_id)
 
     def find_secondary_experiment_id(self, primary_experiment_id: str) -> Optional[str]:
         """Return the secondary id of a primary experiment, or None if it has no mirror.
