@@ -120,12 +120,16 @@ class _RunProgress:
             self._bar.close()
 
 
+def _count(number: int, noun: str) -> str:
+    return f"{number} {noun}" if number == 1 else f"{number} {noun}s"
+
+
 def _print_summary(summary, runs, elapsed_s) -> None:
     from mlflow_azdual.backfill import COMPLETED, COPIED, FAILED, SKIPPED
 
     counts = summary.counts
     print(
-        f"{len(runs)} runs selected: {len(summary.by_result(COPIED))} copied, "
+        f"{_count(len(runs), 'run')} selected: {len(summary.by_result(COPIED))} copied, "
         f"{len(summary.by_result(COMPLETED))} completed, {len(summary.by_result(SKIPPED))} "
         f"skipped, {len(summary.by_result(FAILED))} failed, in {elapsed_s:.1f} s"
     )
@@ -199,6 +203,6 @@ def run_diff(store, arguments) -> int:
     else:
         for difference in differences:
             print(difference.line())
-        print(f"{len(differences)} differences in {len(runs)} runs" if differences
-              else f"no differences in {len(runs)} runs")
+        print(f"{_count(len(differences), 'difference')} in {_count(len(runs), 'run')}"
+              if differences else f"no differences in {_count(len(runs), 'run')}")
     return EXIT_FAILED if differences else EXIT_OK

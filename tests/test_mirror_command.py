@@ -141,7 +141,7 @@ def test_mirror_then_diff_reports_nothing(rig, subprocess_env, plain_experiment,
 
     compared = run_command(rig, subprocess_env, "diff", "--experiment", path)
     assert compared.returncode == 0, compared.stdout + compared.stderr
-    assert "no differences in 1 runs" in compared.stdout
+    assert "no differences in 1 run" in compared.stdout
     by_run = run_command(rig, subprocess_env, "diff", "--run-id", run_id, "--json")
     assert by_run.returncode == 0, by_run.stdout + by_run.stderr
     assert json.loads(by_run.stdout)["differences"] == []
@@ -260,11 +260,11 @@ def test_mirror_selects_runs(rig, subprocess_env, tmp_path):
     by_window = run_command(rig, subprocess_env, "mirror", "--experiment", chosen_id,
                             "--since", "2021-01-01", "--max-requests-per-s", "0")
     assert by_window.returncode == 0, by_window.stderr
-    assert "1 runs selected: 1 copied" in by_window.stdout
+    assert "1 run selected: 1 copied" in by_window.stdout
     by_id = run_command(rig, subprocess_env, "mirror", "--run-id", named.info.run_id,
                         "--max-requests-per-s", "0")
     assert by_id.returncode == 0, by_id.stderr
-    assert "1 runs selected: 1 copied" in by_id.stdout
+    assert "1 run selected: 1 copied" in by_id.stdout
 
     assert secondary_mirror(secondary, primary, recent.info.run_id) is not None
     assert secondary_mirror(secondary, primary, named.info.run_id) is not None
@@ -321,4 +321,4 @@ def test_diff_of_live_run_is_clean(rig, dual, subprocess_env, iris_model):
 
     compared = run_command(rig, subprocess_env, "diff", "--run-id", run.info.run_id)
     assert compared.returncode == 0, compared.stdout + compared.stderr
-    assert "no differences in 1 runs" in compared.stdout
+    assert "no differences in 1 run" in compared.stdout
