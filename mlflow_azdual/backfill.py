@@ -238,9 +238,9 @@ class Backfill:
     def _copy_artifacts(self, run, mirror, counts) -> None:
         source = primary_repository(self.store, run.info.artifact_uri, self.gates)
         destination = secondary_repository(self.store, mirror.artifact_uri, self.gates)
-        wanted = list_files(source)
+        primary_files = list_files(source)
         present = {} if counts.created else list_files(destination)
-        missing = sorted(path for path, size in wanted.items() if present.get(path) != size)
+        missing = sorted(path for path, size in primary_files.items() if present.get(path) != size)
         if not missing:
             return
         counts.artifact_bytes += _copy_files(source, destination, missing, None, self.files_per_upload)

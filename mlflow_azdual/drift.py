@@ -39,9 +39,10 @@ class Difference:
         return dataclasses.asdict(self)
 
     def line(self) -> str:
-        where = f"run {self.run_id}" if self.run_id else f"secondary run {self.secondary_run_id}"
-        what = f" {self.key!r}" if self.key is not None else ""
-        return f"{where}: {self.kind.replace('_', ' ')}{what} (primary: {_show(self.primary)}, secondary: {_show(self.secondary)})"
+        run = f"run {self.run_id}" if self.run_id else f"secondary run {self.secondary_run_id}"
+        key = f" {self.key!r}" if self.key is not None else ""
+        values = f"primary: {_show(self.primary)}, secondary: {_show(self.secondary)}"
+        return f"{run}: {self.kind.replace('_', ' ')}{key} ({values})"
 
 
 def _show(value) -> str:

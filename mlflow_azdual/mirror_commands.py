@@ -86,9 +86,9 @@ def add_diff_parser(commands):
     diff = commands.add_parser(
         "diff", help="list what differs between primary runs and their mirrors on the secondary"
     )
-    which = diff.add_mutually_exclusive_group(required=True)
-    which.add_argument("--run-id", metavar="ID", help="the primary run to compare")
-    which.add_argument(
+    target = diff.add_mutually_exclusive_group(required=True)
+    target.add_argument("--run-id", metavar="ID", help="the primary run to compare")
+    target.add_argument(
         "--experiment", metavar="NAME_OR_ID",
         help="an experiment path or id: every active run of it is compared",
     )

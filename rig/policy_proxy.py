@@ -425,7 +425,7 @@ def _request_fields(request: web.Request, body: bytes) -> dict | None:
 
 
 class FrontDoor(NamedTuple):
-    """What a service checks and rewrites before a request reaches its MLflow API."""
+    """The checks and rewrites of a service before a request reaches its MLflow API."""
 
     # The token a request must carry as `Authorization: Bearer <token>`; None accepts any.
     bearer_token: str | None = None

@@ -86,7 +86,7 @@ class ProxyProcess:
         """Forget the ports of the stopped subprocess."""
 
     def _environment(self) -> dict[str, str] | None:
-        """The subprocess's environment; None inherits this process's."""
+        """Return the subprocess's environment, or None to inherit this process's."""
         return None
 
     def start(self):

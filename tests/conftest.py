@@ -116,16 +116,10 @@ def subprocess_env(rig):
 @pytest.fixture
 def dual(rig):
     """An MlflowClient on the azdual URI of the rig, also set as MLflow's active URIs."""
-    import mlflow
-    from mlflow import MlflowClient
+    from tests.dual_helpers import active_dual_client
 
-
-    uri = rig.dual_tracking_uri()
-    mlflow.set_tracking_uri(uri)
-    mlflow.set_registry_uri(uri)
-    yield MlflowClient(tracking_uri=uri, registry_uri=uri)
-    while mlflow.active_run():
-        mlflow.end_run()
+    with active_dual_client(rig.dual_tracking_uri()) as client:
+        yield client
 
 
 @pytest.fixture(scope="session")

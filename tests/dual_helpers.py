@@ -1,5 +1,6 @@
 """Helpers for tests that write through the dual store and read each backend directly."""
 
+import contextlib
 import uuid
 
 from mlflow import MlflowClient
@@ -79,3 +80,20 @@ def metric_history(client, run_id: str, key: str) -> list:
 
 def metric_points(client, run_id: str, key: str):
     return sorted((m.step, m.value, m.timestamp) for m in metric_history(client, run_id, key))
+
+
+@contextlib.contextmanager
+def active_dual_client(uri: str):
+    """Yield an MlflowClient on ``uri``, set as MLflow's tracking and registry URI meanwhile.
+
+    Runs still active at the end of the block are ended.
+    """
+    import mlflow
+
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_registry_uri(uri)
+    try:
+        yield MlflowClient(tracking_uri=uri, registry_uri=uri)
+    finally:
+        while mlflow.active_run():
+            mlflow.end_run()

@@ -4,8 +4,8 @@ These tests need azureml-mlflow, which declares mlflow-skinny<=3.15.0, so they r
 environment of the nox session `azureml` (MLflow 3.15.0; `make test-azureml`) and are skipped
 elsewhere. The secondary is an `azureml://127.0.0.1:<port>/mlflow/v1.0/subscriptions/...`
 URI. azureml-mlflow turns it into `https://127.0.0.1:<port>/mlflow/v2.0/subscriptions/...`
-requests with a bearer token, so an https policy proxy with the azureml profile stands in
-for the workspace's front door: it checks the token, strips the workspace path prefix and
+requests with a bearer token, so an https policy proxy with the azureml profile replaces
+the workspace's front door. It checks the token, strips the workspace path prefix and
 forwards to the rig's secondary MLflow server. The token comes from the Azure CLI stand-in
 in rig/azure_cli, which azure-identity's AzureCliCredential runs as `az`. Nothing here
 reaches Azure: the loopback guard is active in this process and in every child process.

@@ -30,6 +30,7 @@ from mlflow_azdual.registry_store import SECONDARY_VERSION_TAG
 from mlflow_azdual.uri import explicit_tracking_uri, parse_tracking_uri
 from rig.servers import DATABRICKS_PROFILE, PLUGIN_PROFILE_OPTIONS
 from tests.dual_helpers import (
+    active_dual_client,
     metric_history, secondary_experiment, secondary_run_id, unique_path,
 )
 
@@ -46,12 +47,8 @@ DOCTOR_BOUND_S = 30
 @pytest.fixture
 def dual(databricks_primary):
     """An MlflowClient on the azdual URI whose primary is `databricks://rig`, also set active."""
-    uri = databricks_primary.databricks_dual_tracking_uri()
-    mlflow.set_tracking_uri(uri)
-    mlflow.set_registry_uri(uri)
-    yield MlflowClient(tracking_uri=uri, registry_uri=uri)
-    while mlflow.active_run():
-        mlflow.end_run()
+    with active_dual_client(databricks_primary.databricks_dual_tracking_uri()) as client:
+        yield client
 
 
 @pytest.fixture
